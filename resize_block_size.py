@@ -1,0 +1,1270 @@
+"""Give a block-FP8 checkpoint smaller quantization blocks, exactly.
+
+In:  a Hugging Face model folder quantized in blocks (DeepSeek-V3/R1 style): every FP8
+     `X.weight` [N, K] has an `X.weight_scale_inv` [ceil(N/bn), ceil(K/bk)] and config.json says
+     `quantization_config.weight_block_size: [bn, bk]` (usually [128, 128]).
+Out: a new folder where every scale is repeated (bn/bn') x (bk/bk') times and trimmed to
+     [ceil(N/bn'), ceil(K/bk')], and config.json says [bn', bk'].  The FP8 bytes are not touched,
+     so every weight dequantizes to exactly the same value; only the block grid gets finer, which
+     lets SGLang/vLLM split layers over more tensor-parallel ranks (TP32 for DeepSeek-V3 at 64x64).
+
+The tool reads top-down: validate and plan from the safetensors headers alone (no tensor data),
+then write each shard by streaming (new header, new scales, every other byte copied straight from
+the source, shared with it on copy-on-write filesystems), then check what was written.
+
+    resize-block-size /models/DeepSeek-V3                  # -> /models/DeepSeek-V3-Block64x64
+    resize-block-size /models/DeepSeek-V3 --block-size 32 -o /fast/DeepSeek-V3-b32
+    resize-block-size /models/DeepSeek-V3 --tp 32 --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import stat
+import struct
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+__version__ = "0.1.0"
+PROG = "resize-block-size"
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------
+
+# Bits per element of every dtype the safetensors format defines (sub-byte types included so a
+# header using them is read correctly even though they are never scales or resized).
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+SCALE_DTYPES = {"F32", "BF16", "F16", "F64", "F8_E8M0"}
+SCALE_SUFFIX = "_scale_inv"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished
+MAX_HEADER_BYTES = 100_000_000        # the limit the safetensors library itself enforces
+MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tiles of >= 16
+# Output data is laid out so that large unchanged byte runs keep their source offset modulo this,
+# which lets XFS/btrfs share them (reflink). 4096 is the block size of every common filesystem;
+# a fixed value keeps the output bytes independent of where the tool runs.
+ALIGN = 4096
+COPY_CHUNK = 64 << 20                 # bytes per copy call: bounds latency of Ctrl-C and progress
+BUFFER_BYTES = 8 << 20                # the fallback copy loop's only buffer
+
+
+class ConversionError(Exception):
+    """A problem the user can act on; printed as one line, exit code 1."""
+
+
+class Interrupted(Exception):
+    """Raised in worker threads when the main thread asks them to stop."""
+
+
+def _fail(where: object, problem: str) -> ConversionError:
+    return ConversionError(f"{where}: {problem}".replace("\n", " "))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block math: pure functions
+# ---------------------------------------------------------------------------------------------
+
+def parse_block_size(text: str) -> tuple[int, int]:
+    """Parse a block size given on the command line.
+
+    >>> parse_block_size("64"), parse_block_size("64x64"), parse_block_size("64,128")
+    ((64, 64), (64, 64), (64, 128))
+    """
+    parts = [p for p in re.split(r"[x,X\s]+", text.strip()) if p]
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise ConversionError(
+            f"--block-size {text!r}: expected one or two positive integers, like 64, 64x64 or 64,128")
+    sizes = [int(p) for p in parts]
+    if min(sizes) <= 0:
+        raise ConversionError(f"--block-size {text!r}: block sizes must be positive")
+    return (sizes[0], sizes[-1])
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scale shape every engine expects for a weight of `shape` quantized in `block`s.
+
+    Leading dims (stacked experts) are kept; the last two are divided, rounding up.
+
+    >>> scale_shape((576, 7168), (128, 128)), scale_shape((576, 7168), (64, 64))
+    ((5, 56), (9, 112))
+    """
+    *lead, n, k = shape
+    return (*lead, -(-n // block[0]), -(-k // block[1]))
+
+
+def expand_scale(scale: torch.Tensor, factor: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Repeat each scale `factor` times along the last two dims, then trim to `shape`.
+
+    Works on any dtype, and on raw integer views of one: it only copies elements.
+
+    >>> expand_scale(torch.tensor([[1., 2.], [3., 4.]]), (2, 2), (3, 3)).tolist()
+    [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+    """
+    grown = scale.repeat_interleave(factor[0], dim=-2).repeat_interleave(factor[1], dim=-1)
+    return grown[..., : shape[-2], : shape[-1]].clone(memory_format=torch.contiguous_format)
+
+
+# Integer dtypes of each width, so scales of any float format are replicated as raw bits.
+_RAW_INT = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def resize_scale_bytes(raw: bytes, dtype: str, old_shape: tuple[int, ...],
+                       new_shape: tuple[int, ...], factor: tuple[int, int]) -> bytes:
+    """`expand_scale` on the raw little-endian bytes of a safetensors tensor.
+
+    >>> resize_scale_bytes(bytes([1, 2]), "F8_E8M0", (1, 2), (2, 3), (2, 2))
+    b'\\x01\\x01\\x02\\x01\\x01\\x02'
+    """
+    if math.prod(new_shape) == 0:
+        return b""
+    flat = torch.frombuffer(bytearray(raw), dtype=_RAW_INT[DTYPE_BITS[dtype]])
+    new = expand_scale(flat.reshape(old_shape), factor, new_shape)
+    return bytes(new.untyped_storage())
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor takes in a safetensors file.
+
+    >>> tensor_nbytes("F32", (9, 112)), tensor_nbytes("F8_E4M3", (576, 7168))
+    (4032, 4128768)
+    """
+    return math.prod(shape) * DTYPE_BITS[dtype] // 8
+
+
+def block_name(block: tuple[int, int]) -> str:
+    """How blocks are named in messages and folder names.
+
+    >>> block_name((64, 128))
+    '64x128'
+    """
+    return f"{block[0]}x{block[1]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: config.json and safetensors headers (8-byte little-endian length, then JSON)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a shard header; `begin`/`end` are absolute byte offsets in the file."""
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass
+class ShardHeader:
+    name: str                       # file name relative to the checkpoint folder
+    path: Path
+    size: int
+    metadata: dict[str, str] | None
+    tensors: list[TensorEntry]      # in file order
+
+
+def _read_json_file(path: Path, label: str) -> tuple[str, object]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _fail(path, f"{label} is not UTF-8 text")
+    except OSError as e:
+        raise _fail(path, f"cannot read {label}: {e.strerror}")
+    try:
+        return text, json.loads(text)
+    except ValueError as e:
+        raise _fail(path, f"{label} is not valid JSON ({e}); fix or re-download it")
+
+
+def read_source_block(config: object, path: Path) -> tuple[int, int]:
+    """The block size a config.json declares, after checking it is a block-FP8 checkpoint."""
+    if not isinstance(config, dict):
+        raise _fail(path, "config.json is not a JSON object")
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise _fail(path, "no quantization_config: this model is not quantized, there are no blocks to resize")
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        raise _fail(path, "quant_method is 'compressed-tensors' (llm-compressor FP8_BLOCK, `weight_scale`): "
+                          "not supported; this tool converts quant_method 'fp8' checkpoints with weight_scale_inv")
+    if method != "fp8":
+        raise _fail(path, f"quant_method is {method!r}, expected 'fp8' (block-FP8 with weight_scale_inv); "
+                          "this checkpoint format is not supported")
+    if "weight_block_size" not in qc or qc["weight_block_size"] is None:
+        raise _fail(path, "quantization_config has no weight_block_size: this FP8 checkpoint is not "
+                          "block-quantized, there are no blocks to resize")
+    block = qc["weight_block_size"]
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise _fail(path, f"weight_block_size is {json.dumps(block)}, expected two positive integers like [128, 128]")
+    return (block[0], block[1])
+
+
+def read_shard_header(path: Path, name: str) -> ShardHeader:
+    """Read and check a safetensors header without touching tensor data.
+
+    Every tensor must have a known dtype, a byte length matching its shape, and the tensors must
+    tile the data area exactly (no hole, no overlap, nothing missing at the end).
+    """
+    where = name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if size < 8 or len(prefix) < 8:
+                raise _fail(where, f"file is {size} bytes, too short to be a safetensors file; re-download it")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(where, f"header length {header_len} is above the 100 MB safetensors limit; "
+                                   "the file is corrupt, re-download it")
+            if 8 + header_len > size:
+                raise _fail(where, f"header length {header_len} runs past the end of the {size}-byte file; "
+                                   "the file is truncated or corrupt, re-download it")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise _fail(where, f"cannot read: {e.strerror}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _fail(where, "header is not valid JSON; the file is corrupt, re-download it")
+    if not isinstance(header, dict):
+        raise _fail(where, "header is not a JSON object; the file is corrupt, re-download it")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _fail(where, "__metadata__ must map strings to strings; the file is corrupt")
+    data_start = 8 + header_len
+    tensors = []
+    for tname, info in header.items():
+        tensors.append(_tensor_entry(where, tname, info, data_start))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    cursor = data_start
+    for t in tensors:
+        if t.begin < cursor:
+            raise _fail(where, f"{t.name}: data overlaps the previous tensor; the file is corrupt")
+        if t.begin > cursor:
+            raise _fail(where, f"{t.name}: {t.begin - cursor} unused bytes before this tensor's data; "
+                               "safetensors loaders reject holes, the file is corrupt")
+        cursor = t.end
+    if cursor != size:
+        raise _fail(where, f"tensor data ends at byte {cursor} but the file has {size} bytes; "
+                           "the file is truncated or corrupt, re-download it")
+    return ShardHeader(name, path, size, metadata, tensors)
+
+
+def _tensor_entry(where: str, name: str, info: object, data_start: int) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise _fail(where, f"{name}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise _fail(where, f"{name}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape)):
+        raise _fail(where, f"{name}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise _fail(where, f"{name}: data_offsets {offsets!r} are not two increasing non-negative integers")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise _fail(where, f"{name}: holds {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs "
+                           f"{bits / 8:g}; the file is corrupt")
+    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: everything the writer does, decided from headers alone
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScaleResize:
+    """How one scale tensor changes."""
+    weight: str
+    weight_shape: tuple[int, ...]
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor of an output shard: copied from `src_begin..src_end`, or a resized scale."""
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    src_begin: int
+    src_end: int
+    out_begin: int                  # absolute offset in the output file
+    out_end: int
+    resize: ScaleResize | None = None
+
+
+@dataclass(frozen=True)
+class CopyRun:
+    """Adjacent unchanged tensors, copied (or shared) as one byte range."""
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    source: Path
+    source_size: int
+    header: bytes                   # the complete output prefix: 8-byte length + padded JSON
+    pieces: list[Piece]
+    out_size: int
+
+    @property
+    def scales(self) -> list[Piece]:
+        return [p for p in self.pieces if p.resize]
+
+    def copy_runs(self) -> list[CopyRun]:
+        runs: list[CopyRun] = []
+        for p in self.pieces:
+            if p.resize or p.src_end == p.src_begin:
+                continue
+            last = runs[-1] if runs else None
+            if last and last.src + last.length == p.src_begin and last.dst + last.length == p.out_begin:
+                runs[-1] = CopyRun(last.src, last.dst, last.length + p.src_end - p.src_begin)
+            else:
+                runs.append(CopyRun(p.src_begin, p.out_begin, p.src_end - p.src_begin))
+        return runs
+
+    def shareable_bytes(self) -> int:
+        """Bytes copy-on-write can share: whole aligned blocks of runs at congruent offsets."""
+        return sum(_aligned_span(r)[1] for r in self.copy_runs())
+
+
+@dataclass
+class OtherFile:
+    relpath: str                    # POSIX-style path inside the checkpoint folder
+    source: Path
+    size: int
+
+
+@dataclass
+class Plan:
+    input_dir: Path
+    output_dir: Path
+    source_block: tuple[int, int]
+    target_block: tuple[int, int]
+    shards: list[ShardPlan]
+    config_text: str                # the new config.json, written last
+    index_text: str | None          # the new index, if the input has one
+    other_files: list[OtherFile]
+    fp8_weights: int
+    fingerprint: str                # identifies this conversion, for resuming
+
+    @property
+    def factor(self) -> tuple[int, int]:
+        return (self.source_block[0] // self.target_block[0], self.source_block[1] // self.target_block[1])
+
+    @property
+    def scale_count(self) -> int:
+        return sum(len(s.scales) for s in self.shards)
+
+    @property
+    def bytes_out(self) -> int:
+        return (sum(s.out_size for s in self.shards) + sum(f.size for f in self.other_files)
+                + len(self.config_text.encode()) + len((self.index_text or "").encode()))
+
+
+def check_target_block(source: tuple[int, int], target: tuple[int, int]) -> None:
+    """Refuse a target the scales cannot be replicated to."""
+    if target == source:
+        raise ConversionError(f"the checkpoint already uses {block_name(source)} blocks: nothing to convert "
+                              "(was it converted already?)")
+    for s, t in zip(source, target):
+        if t > s:
+            raise ConversionError(f"--block-size {block_name(target)} is larger than the checkpoint's "
+                                  f"{block_name(source)} blocks; blocks can only be made smaller")
+        if s % t:
+            raise ConversionError(f"--block-size {block_name(target)} does not divide the checkpoint's "
+                                  f"{block_name(source)} blocks; pick a divisor such as {s // 2}")
+        if t < MIN_BLOCK:
+            raise ConversionError(f"--block-size {block_name(target)}: blocks below {MIN_BLOCK} are not "
+                                  "supported by the engines' block-FP8 kernels")
+
+
+def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
+    """Shard file names to convert, and the parsed index if there is one."""
+    names = sorted(p.name for p in input_dir.iterdir()
+                   if p.name.endswith(".safetensors") and p.is_file())
+    index_path = input_dir / INDEX_NAME
+    index = None
+    if index_path.exists():
+        _, index = _read_json_file(index_path, INDEX_NAME)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise _fail(INDEX_NAME, "has no weight_map of tensor names to shard files; fix or re-download it")
+        for tensor, shard in weight_map.items():
+            if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+                raise _fail(INDEX_NAME, f"{tensor}: shard name {shard!r} is not a plain file name in the "
+                                        "model folder; refusing to follow it")
+            if not (input_dir / shard).is_file():
+                raise _fail(INDEX_NAME, f"{tensor}: names shard {shard}, which is missing from the folder; "
+                                        "the download is incomplete")
+    if not names:
+        raise _fail(input_dir, "no .safetensors files found; is this the model folder?")
+    return names, index, index_path if index is not None else None
+
+
+def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
+                target: tuple[int, int]) -> tuple[dict[str, ScaleResize], int]:
+    """Match every `X_scale_inv` with `X`, across shards, and check both shapes.
+
+    Returns the resize of each scale and the number of FP8 weights.
+    """
+    where: dict[str, tuple[str, TensorEntry]] = {}
+    for h in headers:
+        for t in h.tensors:
+            if t.name in where:
+                raise _fail(h.name, f"{t.name}: also stored in {where[t.name][0]}; a tensor must be in one shard")
+            where[t.name] = (h.name, t)
+    resizes: dict[str, ScaleResize] = {}
+    fp8 = 0
+    for h in headers:
+        for t in h.tensors:
+            if t.name.endswith(SCALE_SUFFIX):
+                resizes[t.name] = _check_scale(h.name, t, where.get(t.name[: -len(SCALE_SUFFIX)]), source, target)
+            elif t.dtype in FP8_DTYPES:
+                fp8 += 1
+                if t.name + SCALE_SUFFIX not in where:
+                    hint = (" (found a compressed-tensors style `_scale` instead)"
+                            if t.name + "_scale" in where else "")
+                    raise _fail(h.name, f"{t.name}: FP8 tensor without {t.name + SCALE_SUFFIX}{hint}; "
+                                        "cannot resize its blocks, the checkpoint is incomplete or not block-FP8")
+    return resizes, fp8
+
+
+def _check_scale(shard: str, scale: TensorEntry, weight: tuple[str, TensorEntry] | None,
+                 source: tuple[int, int], target: tuple[int, int]) -> ScaleResize:
+    name = scale.name
+    if weight is None:
+        raise _fail(shard, f"{name}: scale without its weight {name[: -len(SCALE_SUFFIX)]}; "
+                           "the checkpoint is incomplete or renamed")
+    w = weight[1]
+    if w.dtype not in FP8_DTYPES:
+        raise _fail(shard, f"{name}: its weight {w.name} is {w.dtype}, not FP8; refusing to guess what it means")
+    if scale.dtype not in SCALE_DTYPES:
+        raise _fail(shard, f"{name}: scale dtype {scale.dtype} is not a float scale format "
+                           f"({', '.join(sorted(SCALE_DTYPES))})")
+    if len(scale.shape) < 2 or len(scale.shape) != len(w.shape):
+        raise _fail(shard, f"{name}: scale shape {list(scale.shape)} is not a block grid for weight shape "
+                           f"{list(w.shape)}; expected {len(w.shape)} dims ({list(scale_shape(w.shape, source)) if len(w.shape) >= 2 else 'a 2-D weight'})")
+    expected = scale_shape(w.shape, source)
+    if scale.shape != expected:
+        raise _fail(shard, f"{name}: scale shape {list(scale.shape)} does not match weight {list(w.shape)} "
+                           f"at {block_name(source)} blocks (expected {list(expected)}); "
+                           "is weight_block_size in config.json right?")
+    return ScaleResize(w.name, w.shape, scale.shape, scale_shape(w.shape, target))
+
+
+def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPlan:
+    """Lay out one output shard: same tensors in the same order, resized scales, aligned runs."""
+    pieces, offset = [], 0
+    for t in header.tensors:
+        r = resizes.get(t.name)
+        shape = r.new_shape if r else t.shape
+        length = tensor_nbytes(t.dtype, shape)
+        pieces.append(Piece(t.name, t.dtype, shape, t.begin, t.end, offset, offset + length, r))
+        offset += length
+    metadata = dict(header.metadata or {})
+    metadata.setdefault("format", "pt")
+    entries: dict[str, object] = {"__metadata__": metadata}
+    for p in pieces:
+        entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [p.out_begin, p.out_end]}
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    header_len = _padded_header_len(len(body), pieces)
+    prefix = struct.pack("<Q", header_len) + body + b" " * (header_len - len(body))
+    data_start = len(prefix)
+    pieces = [Piece(p.name, p.dtype, p.shape, p.src_begin, p.src_end, p.out_begin + data_start,
+                    p.out_end + data_start, p.resize) for p in pieces]
+    return ShardPlan(header.name, header.path, header.size, prefix, pieces, data_start + offset)
+
+
+def _padded_header_len(json_len: int, pieces: list[Piece]) -> int:
+    """Header length (JSON plus trailing spaces) that puts the most unchanged bytes at their source
+    offset modulo ALIGN, keeping the data start 8-byte aligned as safetensors does."""
+    weight: dict[int, int] = {}
+    for p in pieces:
+        if not p.resize:
+            residue = (p.src_begin - 8 - p.out_begin) % ALIGN
+            if residue % 8 == 0:
+                weight[residue] = weight.get(residue, 0) + p.src_end - p.src_begin
+    base = -(-json_len // 8) * 8
+    if not weight:
+        return base
+    best = max(weight, key=lambda r: (weight[r], -r))
+    return base + (best - base) % ALIGN
+
+
+def _aligned_span(run: CopyRun) -> tuple[int, int]:
+    """(offset into the run, length) of the part copy-on-write can share, or (0, 0)."""
+    if (run.src - run.dst) % ALIGN:
+        return (0, 0)
+    head = -run.src % ALIGN
+    length = (run.length - head) // ALIGN * ALIGN if run.length > head else 0
+    return (head, length) if length > 0 else (0, 0)
+
+
+def edit_json_text(text: str, key: str, value: object, expected: object) -> str:
+    """Replace the value of `key` in JSON `text` in place, keeping every other character.
+
+    Falls back to re-serializing only if no single occurrence gives the `expected` document.
+
+    >>> edit_json_text('{"a": {"b": [128, 128]}}', "b", [64, 64], {"a": {"b": [64, 64]}})
+    '{"a": {"b": [64, 64]}}'
+    """
+    pattern = re.compile(r'("%s"\s*:\s*)(\[[^\[\]]*\]|-?\d+)' % re.escape(key))
+    for m in pattern.finditer(text):
+        old = m.group(2)
+        if isinstance(value, list) and old.startswith("["):
+            numbers = iter(value)
+            new = re.sub(r"-?\d+", lambda _: str(next(numbers)), old, count=len(value))
+        else:
+            new = json.dumps(value)
+        candidate = text[: m.start(2)] + new + text[m.end(2):]
+        try:
+            if json.loads(candidate) == expected:
+                return candidate
+        except ValueError:
+            pass
+    return json.dumps(expected, indent=2) + "\n"
+
+
+def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
+    """Every file below the folder except the converted ones, following symlinks (a Hugging Face
+    cache snapshot is a tree of links into ../../blobs)."""
+    found: list[OtherFile] = []
+    seen_dirs: set[str] = set()
+    for root, dirs, files in os.walk(input_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:       # a symlink loop
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        rel_root = Path(root).relative_to(input_dir)
+        # Our own state (only present mid --in-place) and git's object store (a second full copy of
+        # the weights under git-lfs) are not part of the model.
+        dirs[:] = sorted(d for d in dirs if not (rel_root == Path(".") and d in (STATE_DIR, ".git")))
+        for f in sorted(files):
+            rel = (rel_root / f).as_posix()
+            if rel in skip:
+                continue
+            path = Path(root) / f
+            try:
+                st = path.stat()
+            except OSError:
+                raise _fail(path, "is a broken symlink or unreadable; fix the download")
+            if not stat.S_ISREG(st.st_mode):
+                raise _fail(path, "is not a regular file (fifo, socket or device); remove it from the model folder")
+            found.append(OtherFile(rel, path, st.st_size))
+    return found
+
+
+def make_plan(input_dir: Path, output_dir: Path, target_block: tuple[int, int] | None) -> Plan:
+    """Validate the input folder and decide every byte of the output, reading headers only.
+
+    `target_block=None` leaves the choice to the caller (see `--tp`): the plan is then made for
+    the source block halved, which is only used for reporting.
+    """
+    if not input_dir.exists():
+        raise _fail(input_dir, "does not exist")
+    if not input_dir.is_dir():
+        raise _fail(input_dir, "is not a folder; give the model folder that holds config.json")
+    config_path = input_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise _fail(input_dir, "has no config.json; give the Hugging Face model folder (the one with config.json "
+                               "and the .safetensors shards)")
+    config_text, config = _read_json_file(config_path, CONFIG_NAME)
+    source = read_source_block(config, config_path)
+    target = target_block or (max(source[0] // 2, 1), max(source[1] // 2, 1))
+    check_target_block(source, target)
+
+    names, index, index_path = find_shards(input_dir)
+    headers = [read_shard_header(input_dir / n, n) for n in names]
+    if index is not None:
+        held = {h.name: {t.name for t in h.tensors} for h in headers}
+        for tensor, shard in index["weight_map"].items():
+            if tensor not in held.get(shard, ()):
+                raise _fail(INDEX_NAME, f"{tensor}: the index puts it in {shard}, which does not hold it; "
+                                        "the index does not match the shards")
+    resizes, fp8 = pair_scales(headers, source, target)
+    shards = [plan_shard(h, resizes) for h in headers]
+
+    new_config = json.loads(config_text)
+    new_config["quantization_config"]["weight_block_size"] = list(target)
+    new_config_text = edit_json_text(config_text, "weight_block_size", list(target), new_config)
+    index_text = None
+    if index is not None:
+        index_text = index_path.read_text(encoding="utf-8")
+        meta = index.get("metadata")
+        if isinstance(meta, dict) and "total_size" in meta:
+            new_index = json.loads(index_text)
+            new_index["metadata"]["total_size"] = sum(p.out_end - p.out_begin for s in shards for p in s.pieces)
+            index_text = edit_json_text(index_text, "total_size", new_index["metadata"]["total_size"], new_index)
+    skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
+    others = list_other_files(input_dir, skip)
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps([list(source), list(target), config_text, index_text]).encode())
+    for s in shards:
+        digest.update(f"{s.name}:{s.source_size}:".encode() + s.header)
+    for f in others:
+        digest.update(f"{f.relpath}:{f.size}".encode())
+    return Plan(input_dir, output_dir, source, target, shards, new_config_text, index_text, others,
+                fp8, digest.hexdigest())
+
+
+# ---------------------------------------------------------------------------------------------
+# Copying bytes: copy-on-write clone, in-kernel copy, or a plain buffered loop
+# ---------------------------------------------------------------------------------------------
+
+# linux/fs.h: FICLONERANGE = _IOW(0x94, 13, struct file_clone_range {s64 src_fd; u64 src_offset,
+# src_length, dest_offset}). Python has no binding for it; this is the whole of the "by hand" part.
+FICLONERANGE = 0x4020940D
+_KERNEL_REFUSES = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY,
+                   errno.EPERM, errno.ETXTBSY}
+
+
+def clone_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
+    """Share `length` bytes of src with dst (XFS, btrfs); offsets and length block-aligned."""
+    fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("qQQQ", src_fd, src_off, length, dst_off))
+
+
+class ByteCopier:
+    """Copies byte ranges between files by the fastest method the filesystem accepts.
+
+    `method` is "reflink" (share aligned blocks, copy the rest in-kernel), "copy_file_range"
+    (in-kernel copy) or "buffered" (read/write through one fixed buffer). A method the kernel
+    refuses falls back to the next one for the rest of the run; the bytes written are the same.
+    """
+
+    def __init__(self, method: str, on_bytes: Callable[[int], None] = lambda n: None,
+                 stop: threading.Event | None = None):
+        self.method = method
+        self.on_bytes = on_bytes
+        self.stop = stop or threading.Event()
+        self.shared = 0
+        self.copied = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def copy(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
+        head, shared = _aligned_span(run) if self.method == "reflink" else (0, 0)
+        if shared:
+            self._copy(src_fd, dst_fd, run.src, run.dst, head)
+            done = 0
+            while done < shared:      # chunks keep Ctrl-C and the progress bar responsive
+                n = min(1 << 30, shared - done)
+                self._check_stop()
+                try:
+                    clone_range(src_fd, dst_fd, run.src + head + done, run.dst + head + done, n)
+                except OSError as e:
+                    if e.errno not in _KERNEL_REFUSES:
+                        raise
+                    self.method = "copy_file_range"
+                    break
+                done += n
+                self._count(n, shared=True)
+            rest = head + done
+            self._copy(src_fd, dst_fd, run.src + rest, run.dst + rest, run.length - rest)
+        else:
+            self._copy(src_fd, dst_fd, run.src, run.dst, run.length)
+
+    def _copy(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> None:
+        end = src + length
+        while src < end:
+            self._check_stop()
+            n = min(COPY_CHUNK, end - src)
+            if self.method != "buffered":
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, n, src, dst)
+                except OSError as e:
+                    if e.errno not in _KERNEL_REFUSES:
+                        raise
+                    self.method = "buffered"
+                    continue
+            else:
+                n = self._buffered(src_fd, dst_fd, src, dst, n)
+            if n == 0:
+                raise ConversionError(f"source file ended early at byte {src}; was it changed during the run?")
+            src, dst = src + n, dst + n
+            self._count(n, shared=False)
+
+    def _buffered(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> int:
+        if not hasattr(self._local, "buf"):        # one buffer per worker thread
+            self._local.buf = bytearray(BUFFER_BYTES)
+        view = memoryview(self._local.buf)[: min(length, BUFFER_BYTES)]
+        got = os.preadv(src_fd, [view], src)
+        written = 0
+        while written < got:
+            written += os.pwrite(dst_fd, view[written:got], dst + written)
+        return got
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted()
+
+    def _count(self, n: int, shared: bool) -> None:
+        with self._lock:
+            if shared:
+                self.shared += n
+            else:
+                self.copied += n
+        self.on_bytes(n)
+
+
+def probe_reflink(src: Path, dst_dir: Path) -> bool:
+    """True if a block of `src` can be cloned into a new file in `dst_dir` (same XFS/btrfs)."""
+    if src.stat().st_size < ALIGN:
+        return False
+    probe = dst_dir / ".reflink-probe"
+    try:
+        with open(src, "rb") as s, open(probe, "wb") as d:
+            clone_range(s.fileno(), d.fileno(), 0, 0, ALIGN)
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the output folder: atomic files, resume, lock
+# ---------------------------------------------------------------------------------------------
+
+def _partial_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
+
+
+def _open_new(path: Path) -> int:
+    """Create `path` for writing; never follows a symlink planted in the output folder."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    # Read-write: the self-check reads back what was written.
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(root: Path, rel_dir: Path) -> None:
+    """mkdir -p below `root`, refusing symlinks on the way."""
+    path = root
+    for part in rel_dir.parts:
+        path = path / part
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise _fail(path, "exists in the output folder and is not a folder (or is a symlink); remove it")
+
+
+def write_atomic(final: Path, fill: Callable[[int], None]) -> None:
+    """Write a file under a temporary name, flush it, then rename it into place.
+
+    A reader never sees a half-written file under the final name; a failure removes the partial.
+    """
+    tmp = _partial_path(final)
+    fd = _open_new(tmp)
+    try:
+        fill(fd)
+        os.fsync(fd)
+    except BaseException as e:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(final)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def new_scale_bytes(src_fd: int, piece: Piece, factor: tuple[int, int]) -> bytes:
+    raw = os.pread(src_fd, piece.src_end - piece.src_begin, piece.src_begin)
+    if len(raw) != piece.src_end - piece.src_begin:
+        raise ConversionError(f"{piece.name}: source ended early; was it changed during the run?")
+    return resize_scale_bytes(raw, piece.dtype, piece.resize.old_shape, piece.resize.new_shape, factor)
+
+
+def write_shard(shard: ShardPlan, output_dir: Path, factor: tuple[int, int], copier: ByteCopier) -> None:
+    """Stream one shard: header, resized scales, and every other byte copied from the source."""
+    src_fd = os.open(shard.source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        def fill(fd: int) -> None:
+            _pwrite_all(fd, shard.header, 0)
+            copier.on_bytes(len(shard.header))
+            # In output order, so the file only grows at its end: a clone must start at the
+            # (block-aligned) end of the destination.
+            steps: list[Piece | CopyRun] = [*shard.scales, *shard.copy_runs()]
+            for step in sorted(steps, key=lambda x: x.out_begin if isinstance(x, Piece) else x.dst):
+                if isinstance(step, CopyRun):
+                    copier.copy(src_fd, fd, step)
+                else:
+                    data = new_scale_bytes(src_fd, step, factor)
+                    _pwrite_all(fd, data, step.out_begin)
+                    copier.on_bytes(len(data))
+            self_check(shard, fd, src_fd, factor)
+        write_atomic(output_dir / shard.name, fill)
+    finally:
+        os.close(src_fd)
+
+
+def self_check(shard: ShardPlan, out_fd: int, src_fd: int, factor: tuple[int, int]) -> None:
+    """Re-read what was just written: the header and every resized scale (a few MB per shard)."""
+    size = os.fstat(out_fd).st_size
+    if size != shard.out_size:
+        raise ConversionError(f"{shard.name}: wrote {size} bytes, planned {shard.out_size}; not renamed into place")
+    if os.pread(out_fd, len(shard.header), 0) != shard.header:
+        raise ConversionError(f"{shard.name}: header read back differs from the one written")
+    for p in shard.scales:
+        if os.pread(out_fd, p.out_end - p.out_begin, p.out_begin) != new_scale_bytes(src_fd, p, factor):
+            raise ConversionError(f"{shard.name}: {p.name}: scale read back differs from the one written")
+
+
+def shard_is_complete(path: Path, shard: ShardPlan) -> bool:
+    """A shard left by an earlier run counts only if its size and header are exactly the plan's."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != shard.out_size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(shard.header)) == shard.header
+    except OSError:
+        return False
+
+
+def copy_other_file(item: OtherFile, output_dir: Path, copier: ByteCopier) -> None:
+    final = output_dir / item.relpath
+    _make_dirs(output_dir, Path(item.relpath).parent)
+    src_fd = os.open(item.source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        write_atomic(final, lambda fd: copier.copy(src_fd, fd, CopyRun(0, 0, item.size)) if item.size else None)
+    finally:
+        os.close(src_fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    write_atomic(path, lambda fd: _pwrite_all(fd, data, 0))
+
+
+def same_file_content(path: Path, data: bytes) -> bool:
+    try:
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
+@dataclass
+class OutputState:
+    """What is already in OUTPUT, from an earlier run of the same conversion."""
+    kind: str                       # "new", "resume" or "complete"
+    done_shards: set[str] = field(default_factory=set)
+
+
+def check_output_location(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an output that is, contains, or lies inside the input, in any spelling."""
+    src = Path(os.path.realpath(input_dir))
+    dst = Path(os.path.realpath(output_dir))
+    if src == dst or (output_dir.exists() and os.path.samefile(input_dir, output_dir)):
+        raise _fail(output_dir, "is the input folder; the input is never modified, choose another -o")
+    if src in dst.parents:
+        raise _fail(output_dir, f"is inside the input folder {input_dir}; choose a folder outside it")
+    if dst in src.parents:
+        raise _fail(output_dir, f"contains the input folder {input_dir}; choose a new or empty folder")
+
+
+def inspect_output(plan: Plan) -> OutputState:
+    """Classify OUTPUT: new/empty, an unfinished run of this conversion, or already complete.
+
+    Anything else that is not empty belongs to someone else and is refused untouched.
+    """
+    out = plan.output_dir
+    if os.path.lexists(out) and not out.is_dir():
+        raise _fail(out, "exists and is not a folder; choose another -o")
+    if not out.exists() or not any(out.iterdir()):
+        return OutputState("new")
+    run_file = out / STATE_DIR / "run.json"
+    if os.path.lexists(out / STATE_DIR):
+        try:
+            run = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            run = {"fingerprint": plan.fingerprint}   # killed before it was written: nothing to trust yet
+        if not isinstance(run, dict) or run.get("fingerprint") != plan.fingerprint:
+            raise _fail(out, f"holds an unfinished conversion of something else ({run.get('input', 'unknown')} "
+                             f"to {run.get('target_block', '?')}); remove it or choose another -o")
+        return OutputState("resume", _complete_shards(plan))
+    done = _complete_shards(plan)
+    if (len(done) == len(plan.shards) and same_file_content(out / CONFIG_NAME, plan.config_text.encode())
+            and (plan.index_text is None or same_file_content(out / INDEX_NAME, plan.index_text.encode()))):
+        return OutputState("complete", done)
+    raise _fail(out, "exists and is not empty; choose a new or empty folder with -o (nothing was written)")
+
+
+def _complete_shards(plan: Plan) -> set[str]:
+    return {s.name for s in plan.shards if shard_is_complete(plan.output_dir / s.name, s)}
+
+
+class OutputLock:
+    """An exclusive flock on OUTPUT/.resize_block_size/lock, held for the whole run."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / STATE_DIR / "lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = -1
+            raise _fail(self.path.parent.parent, f"another resize-block-size run (pid {holder}) is writing "
+                                                 "this folder; wait for it to finish or stop it")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a conversion
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    shards_written: int = 0
+    shards_kept: int = 0
+    scales: int = 0
+    bytes_written: int = 0
+    bytes_shared: int = 0
+    seconds: float = 0.0
+    method: str = ""
+
+
+def bytes_to_write(plan: Plan, state: OutputState, reflink: bool) -> int:
+    """Disk space the rest of the run needs: shared bytes cost nothing with copy-on-write."""
+    need = 0
+    for s in plan.shards:
+        if s.name not in state.done_shards:
+            need += s.out_size - (s.shareable_bytes() if reflink else 0)
+    return need + sum(f.size for f in plan.other_files) + len(plan.config_text) + len(plan.index_text or "")
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: int = 1,
+            quiet: bool = False) -> Summary:
+    """Write `plan.output_dir`: shards, then other files, the index, and config.json last."""
+    started = time.monotonic()
+    state = inspect_output(plan)
+    if state.kind == "complete" and not force:
+        return Summary(shards_kept=len(plan.shards), method="already complete")
+    created = not plan.output_dir.exists()
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    os.makedirs(plan.output_dir / STATE_DIR, exist_ok=True)
+    lock = OutputLock(plan.output_dir)
+    try:
+        lock.acquire()
+        state = inspect_output(plan)              # again, now that no other run can change it
+        if force:
+            state = OutputState(state.kind)
+        use_reflink = reflink and bool(plan.shards) and probe_reflink(plan.shards[0].source, plan.output_dir / STATE_DIR)
+        need = bytes_to_write(plan, state, use_reflink)
+        free = shutil.disk_usage(plan.output_dir).free
+        if need > free:
+            raise _fail(plan.output_dir, f"needs {gb(need)} more but its filesystem has {gb(free)} free; "
+                                         "free space or choose another -o")
+        _write_run_file(plan)
+        summary = _write_all(plan, state, use_reflink, workers, quiet)
+        write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
+        lock.release()
+        shutil.rmtree(plan.output_dir / STATE_DIR)
+        _fsync_dir(plan.output_dir)
+    except BaseException as e:
+        lock.release()
+        if created and isinstance(e, ConversionError) and not _has_output(plan.output_dir):
+            shutil.rmtree(plan.output_dir, ignore_errors=True)   # refused before writing anything
+        raise
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _has_output(output_dir: Path) -> bool:
+    return any(p.name != STATE_DIR for p in output_dir.iterdir())
+
+
+def _write_run_file(plan: Plan) -> None:
+    run = {"tool": PROG, "version": __version__, "input": str(plan.input_dir.resolve()),
+           "source_block": list(plan.source_block), "target_block": list(plan.target_block),
+           "fingerprint": plan.fingerprint}
+    write_text(plan.output_dir / STATE_DIR / "run.json", json.dumps(run, indent=2) + "\n")
+
+
+def _write_all(plan: Plan, state: OutputState, reflink: bool, workers: int, quiet: bool) -> Summary:
+    out = plan.output_dir
+    for stale in out.glob(".*.partial"):      # left by a killed run; ours by name
+        _unlink_quietly(stale)
+    todo = [s for s in plan.shards if s.name not in state.done_shards]
+    total = sum(s.out_size for s in todo) + sum(f.size for f in plan.other_files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+               desc="converting", dynamic_ncols=True, file=sys.stderr)
+    bar_lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with bar_lock:
+            bar.update(n)
+
+    stop = threading.Event()
+    copier = ByteCopier("reflink" if reflink else "copy_file_range", advance, stop)
+    jobs: list[Callable[[], None]] = [
+        (lambda s=s: write_shard(s, out, plan.factor, copier)) for s in todo]
+    jobs += [(lambda f=f: copy_other_file(f, out, copier)) for f in plan.other_files]
+    try:
+        run_jobs(jobs, workers, stop)
+        if plan.index_text is not None:
+            write_text(out / INDEX_NAME, plan.index_text)
+    finally:
+        bar.close()
+    return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
+                   scales=sum(len(s.scales) for s in todo),
+                   bytes_written=total, bytes_shared=copier.shared, method=copier.method)
+
+
+def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event) -> None:
+    """Run jobs in order, or on `workers` threads; on Ctrl-C or an error, stop the others promptly."""
+    if workers <= 1:
+        for job in jobs:
+            job()
+        return
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(job) for job in jobs]
+    try:
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()
+    except BaseException:
+        stop.set()
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+EXAMPLES = """\
+examples:
+  resize-block-size /models/DeepSeek-V3
+      writes /models/DeepSeek-V3-Block64x64 (64x64 blocks, servable at TP32)
+  resize-block-size /models/DeepSeek-V3 --block-size 32 -o /data/DeepSeek-V3-b32
+      32x32 blocks (TP64), into a folder of your choice
+  resize-block-size /models/DeepSeek-V3 --dry-run
+      print the plan and exit; nothing is written
+
+Re-run the same command after an interruption: finished shards are kept, the rest is written.
+"""
+
+
+def default_output(input_dir: Path, target: tuple[int, int]) -> Path:
+    """The sibling folder `INPUT-Block64x64`.
+
+    >>> default_output(Path("/m/DeepSeek-V3/"), (64, 64)).as_posix()
+    '/m/DeepSeek-V3-Block64x64'
+    """
+    base = Path(os.path.abspath(input_dir))
+    return base.with_name(f"{base.name}-Block{block_name(target)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Resize the quantization blocks of a block-FP8 checkpoint (DeepSeek-V3/R1, Kimi-K2, "
+                    "Qwen3-FP8, ...) by replicating its scales. Lossless: every weight dequantizes to "
+                    "exactly the same value. The input folder is never modified.")
+    p.add_argument("input", metavar="INPUT", help="model folder with config.json and .safetensors shards")
+    p.add_argument("-o", "--output", metavar="OUTPUT",
+                   help="output folder (default: INPUT-Block64x64 next to INPUT, named after the block)")
+    p.add_argument("--block-size", metavar="B", default="64",
+                   help="target block: 64, 64x64 or 64,128 (rows x cols); must divide the source block "
+                        "(default: 64)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite every shard, also those an earlier run of the same conversion finished")
+    p.add_argument("--no-reflink", action="store_true",
+                   help="always copy bytes, never share them with the input (XFS/btrfs copy-on-write)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="shards converted in parallel (default: 1; the disk is the limit)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def describe_plan(plan: Plan) -> dict:
+    """The plan as data: what --dry-run --json prints."""
+    examples: dict[str, dict] = {}
+    for s in plan.shards:
+        for p in s.scales:
+            key = f"{list(p.resize.old_shape)}->{list(p.resize.new_shape)}"
+            examples.setdefault(key, {"tensor": p.name, "weight_shape": list(p.resize.weight_shape),
+                                      "scale_before": list(p.resize.old_shape),
+                                      "scale_after": list(p.resize.new_shape), "dtype": p.dtype})
+    out = plan.output_dir
+    free_at = out if out.exists() else out.parent
+    return {
+        "input": str(plan.input_dir), "output": str(out),
+        "source_block": list(plan.source_block), "target_block": list(plan.target_block),
+        "shards": len(plan.shards), "fp8_weights": plan.fp8_weights, "scales": plan.scale_count,
+        "bytes_in": sum(s.source_size for s in plan.shards) + sum(f.size for f in plan.other_files),
+        "bytes_out": plan.bytes_out,
+        "bytes_shareable": sum(s.shareable_bytes() for s in plan.shards),
+        "free_bytes": shutil.disk_usage(free_at).free if free_at.exists() else None,
+        "other_files": len(plan.other_files),
+        "scale_examples": list(examples.values()),
+    }
+
+
+def print_plan(info: dict) -> None:
+    print(f"plan: {info['input']} -> {info['output']}")
+    print(f"  blocks        {block_name(info['source_block'])} -> {block_name(info['target_block'])}")
+    print(f"  shards        {info['shards']}, FP8 weights {info['fp8_weights']}, scales to resize {info['scales']}")
+    for ex in info["scale_examples"]:
+        print(f"    {ex['tensor']}: weight {ex['weight_shape']}, scale {ex['scale_before']} -> {ex['scale_after']} {ex['dtype']}")
+    print(f"  other files   {info['other_files']}")
+    print(f"  bytes to write {gb(info['bytes_out'])} (copy-on-write could share {gb(info['bytes_shareable'])})")
+    if info["free_bytes"] is not None:
+        print(f"  free space    {gb(info['free_bytes'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        input_dir = Path(args.input)
+        target = parse_block_size(args.block_size)
+        output_dir = Path(args.output) if args.output else default_output(input_dir, target)
+        plan = make_plan(input_dir, output_dir, target)
+        check_output_location(input_dir, output_dir)
+        if args.dry_run:
+            info = describe_plan(plan)
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                print_plan(info)
+            return 0
+        if args.workers < 1:
+            raise ConversionError("--workers must be at least 1")
+        summary = convert(plan, force=args.force, reflink=not args.no_reflink, workers=args.workers,
+                          quiet=args.quiet)
+    except ConversionError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Interrupted):
+        print(f"{PROG}: interrupted; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"{PROG}: error: {_describe_os_error(e)}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print_summary(plan, summary)
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt()
+
+
+def _describe_os_error(e: OSError) -> str:
+    where = e.filename or "output"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: disk full; the partial file was removed. Free space and re-run the same command to resume"
+    if e.errno == errno.EFBIG:
+        return f"{where}: file too large for this filesystem or ulimit -f; the partial file was removed. " \
+               "Raise the limit and re-run the same command to resume"
+    return f"{where}: {e.strerror or e}"
+
+
+def print_summary(plan: Plan, s: Summary) -> None:
+    if s.method == "already complete":
+        print(f"{plan.output_dir}: already converted to {block_name(plan.target_block)}; nothing to do")
+        return
+    kept = f", {s.shards_kept} kept from an earlier run" if s.shards_kept else ""
+    print(f"converted {s.shards_written} shards{kept}: {s.scales} scales resized "
+          f"{block_name(plan.source_block)} -> {block_name(plan.target_block)}, "
+          f"{gb(s.bytes_written)} written ({gb(s.bytes_shared)} shared with the input), "
+          f"{s.seconds:.1f} s -> {plan.output_dir}")
+
+
+def main_exit() -> None:
+    """Entry point of the `resize-block-size` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()
