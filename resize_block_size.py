@@ -434,11 +434,18 @@ def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
     return names, index, index_path if index is not None else None
 
 
-def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
-                target: tuple[int, int]) -> tuple[dict[str, ScaleResize], int]:
-    """Match every `X_scale_inv` with `X`, across shards, and check both shapes.
+@dataclass(frozen=True)
+class ScalePair:
+    """An FP8 weight and its block scale, possibly in different shards."""
+    weight: TensorEntry
+    scale: TensorEntry
+    scale_shard: str
 
-    Returns the resize of each scale and the number of FP8 weights.
+
+def pair_scales(headers: list[ShardHeader], source: tuple[int, int]) -> tuple[dict[str, ScalePair], int]:
+    """Match every `X_scale_inv` with `X`, across shards, and check both shapes for `source` blocks.
+
+    Returns the pairs by scale name and the number of FP8 weights.
     """
     where: dict[str, tuple[str, TensorEntry]] = {}
     for h in headers:
@@ -446,12 +453,14 @@ def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
             if t.name in where:
                 raise _fail(h.name, f"{t.name}: also stored in {where[t.name][0]}; a tensor must be in one shard")
             where[t.name] = (h.name, t)
-    resizes: dict[str, ScaleResize] = {}
+    pairs: dict[str, ScalePair] = {}
     fp8 = 0
     for h in headers:
         for t in h.tensors:
             if t.name.endswith(SCALE_SUFFIX):
-                resizes[t.name] = _check_scale(h.name, t, where.get(t.name[: -len(SCALE_SUFFIX)]), source, target)
+                weight = where.get(t.name[: -len(SCALE_SUFFIX)])
+                _check_scale(h.name, t, weight and weight[1], source)
+                pairs[t.name] = ScalePair(weight[1], t, h.name)
             elif t.dtype in FP8_DTYPES:
                 fp8 += 1
                 if t.name + SCALE_SUFFIX not in where:
@@ -459,30 +468,30 @@ def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
                             if t.name + "_scale" in where else "")
                     raise _fail(h.name, f"{t.name}: FP8 tensor without {t.name + SCALE_SUFFIX}{hint}; "
                                         "cannot resize its blocks, the checkpoint is incomplete or not block-FP8")
-    return resizes, fp8
+    return pairs, fp8
 
 
-def _check_scale(shard: str, scale: TensorEntry, weight: tuple[str, TensorEntry] | None,
-                 source: tuple[int, int], target: tuple[int, int]) -> ScaleResize:
+def _check_scale(shard: str, scale: TensorEntry, w: TensorEntry | None, source: tuple[int, int]) -> None:
     name = scale.name
-    if weight is None:
+    if w is None:
         raise _fail(shard, f"{name}: scale without its weight {name[: -len(SCALE_SUFFIX)]}; "
                            "the checkpoint is incomplete or renamed")
-    w = weight[1]
     if w.dtype not in FP8_DTYPES:
         raise _fail(shard, f"{name}: its weight {w.name} is {w.dtype}, not FP8; refusing to guess what it means")
     if scale.dtype not in SCALE_DTYPES:
         raise _fail(shard, f"{name}: scale dtype {scale.dtype} is not a float scale format "
                            f"({', '.join(sorted(SCALE_DTYPES))})")
-    if len(scale.shape) < 2 or len(scale.shape) != len(w.shape):
-        raise _fail(shard, f"{name}: scale shape {list(scale.shape)} is not a block grid for weight shape "
-                           f"{list(w.shape)}; expected {len(w.shape)} dims ({list(scale_shape(w.shape, source)) if len(w.shape) >= 2 else 'a 2-D weight'})")
+    if len(w.shape) < 2:
+        raise _fail(shard, f"{name}: its weight {w.name} has shape {list(w.shape)}; block scales need a 2-D "
+                           "(or stacked 3-D) weight")
     expected = scale_shape(w.shape, source)
+    if len(scale.shape) != len(w.shape):
+        raise _fail(shard, f"{name}: scale shape {list(scale.shape)} has {len(scale.shape)} dims but weight "
+                           f"{list(w.shape)} has {len(w.shape)}; expected {list(expected)}")
     if scale.shape != expected:
         raise _fail(shard, f"{name}: scale shape {list(scale.shape)} does not match weight {list(w.shape)} "
                            f"at {block_name(source)} blocks (expected {list(expected)}); "
                            "is weight_block_size in config.json right?")
-    return ScaleResize(w.name, w.shape, scale.shape, scale_shape(w.shape, target))
 
 
 def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPlan:
@@ -588,58 +597,205 @@ def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
     return found
 
 
-def make_plan(input_dir: Path, output_dir: Path, target_block: tuple[int, int] | None) -> Plan:
-    """Validate the input folder and decide every byte of the output, reading headers only.
+@dataclass
+class Checkpoint:
+    """A validated input folder, read from config.json, the index and the shard headers."""
+    folder: Path
+    config_text: str
+    config: dict
+    source_block: tuple[int, int]
+    headers: list[ShardHeader]
+    index_text: str | None
+    index: dict | None
+    pairs: dict[str, ScalePair]     # by scale name
+    fp8_weights: int
+    others: list[OtherFile]
 
-    `target_block=None` leaves the choice to the caller (see `--tp`): the plan is then made for
-    the source block halved, which is only used for reporting.
-    """
-    if not input_dir.exists():
-        raise _fail(input_dir, "does not exist")
-    if not input_dir.is_dir():
-        raise _fail(input_dir, "is not a folder; give the model folder that holds config.json")
-    config_path = input_dir / CONFIG_NAME
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Validate a checkpoint folder from its metadata alone: config, index, every shard header,
+    every weight/scale pair. Raises ConversionError naming the file (and tensor) at fault."""
+    if not folder.exists():
+        raise _fail(folder, "does not exist")
+    if not folder.is_dir():
+        raise _fail(folder, "is not a folder; give the model folder that holds config.json")
+    config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise _fail(input_dir, "has no config.json; give the Hugging Face model folder (the one with config.json "
-                               "and the .safetensors shards)")
+        raise _fail(folder, "has no config.json; give the Hugging Face model folder (the one with config.json "
+                            "and the .safetensors shards)")
     config_text, config = _read_json_file(config_path, CONFIG_NAME)
     source = read_source_block(config, config_path)
-    target = target_block or (max(source[0] // 2, 1), max(source[1] // 2, 1))
-    check_target_block(source, target)
-
-    names, index, index_path = find_shards(input_dir)
-    headers = [read_shard_header(input_dir / n, n) for n in names]
+    names, index, index_path = find_shards(folder)
+    headers = [read_shard_header(folder / n, n) for n in names]
     if index is not None:
         held = {h.name: {t.name for t in h.tensors} for h in headers}
         for tensor, shard in index["weight_map"].items():
             if tensor not in held.get(shard, ()):
                 raise _fail(INDEX_NAME, f"{tensor}: the index puts it in {shard}, which does not hold it; "
                                         "the index does not match the shards")
-    resizes, fp8 = pair_scales(headers, source, target)
-    shards = [plan_shard(h, resizes) for h in headers]
-
-    new_config = json.loads(config_text)
-    new_config["quantization_config"]["weight_block_size"] = list(target)
-    new_config_text = edit_json_text(config_text, "weight_block_size", list(target), new_config)
-    index_text = None
-    if index is not None:
-        index_text = index_path.read_text(encoding="utf-8")
-        meta = index.get("metadata")
-        if isinstance(meta, dict) and "total_size" in meta:
-            new_index = json.loads(index_text)
-            new_index["metadata"]["total_size"] = sum(p.out_end - p.out_begin for s in shards for p in s.pieces)
-            index_text = edit_json_text(index_text, "total_size", new_index["metadata"]["total_size"], new_index)
+    pairs, fp8 = pair_scales(headers, source)
     skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
-    others = list_other_files(input_dir, skip)
+    index_text = index_path.read_text(encoding="utf-8") if index_path else None
+    return Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8,
+                      list_other_files(folder, skip))
+
+
+def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Plan:
+    """Decide every byte of the output for `target` blocks."""
+    source = ckpt.source_block
+    check_target_block(source, target)
+    resizes = {name: ScaleResize(p.weight.name, p.weight.shape, p.scale.shape, scale_shape(p.weight.shape, target))
+               for name, p in ckpt.pairs.items()}
+    shards = [plan_shard(h, resizes) for h in ckpt.headers]
+
+    new_config = json.loads(ckpt.config_text)
+    new_config["quantization_config"]["weight_block_size"] = list(target)
+    config_text = edit_json_text(ckpt.config_text, "weight_block_size", list(target), new_config)
+    index_text = ckpt.index_text
+    meta = ckpt.index.get("metadata") if ckpt.index is not None else None
+    if isinstance(meta, dict) and "total_size" in meta:
+        new_index = json.loads(index_text)
+        new_index["metadata"]["total_size"] = sum(p.out_end - p.out_begin for s in shards for p in s.pieces)
+        index_text = edit_json_text(index_text, "total_size", new_index["metadata"]["total_size"], new_index)
 
     digest = hashlib.sha256()
-    digest.update(json.dumps([list(source), list(target), config_text, index_text]).encode())
+    digest.update(json.dumps([list(source), list(target), ckpt.config_text, index_text]).encode())
     for s in shards:
         digest.update(f"{s.name}:{s.source_size}:".encode() + s.header)
-    for f in others:
+    for f in ckpt.others:
         digest.update(f"{f.relpath}:{f.size}".encode())
-    return Plan(input_dir, output_dir, source, target, shards, new_config_text, index_text, others,
-                fp8, digest.hexdigest())
+    return Plan(ckpt.folder, output_dir, source, target, shards, config_text, index_text, ckpt.others,
+                ckpt.fp8_weights, digest.hexdigest())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-parallel advisor: which block each TP degree needs, from names and shapes alone
+# ---------------------------------------------------------------------------------------------
+
+TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
+BLOCK_EDGES = (128, 64, 32, 16)
+# How SGLang and vLLM shard each projection (by the module name before `.weight`).
+COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_proj",
+                   "gate_proj", "up_proj", "gate_up_proj", "w1", "w3"}
+ROW_PARALLEL = {"o_proj", "down_proj", "w2", "out_proj"}
+REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "eh_proj", "gate",
+              "wq_b", "wk", "weights_proj"}          # the last three: DeepSeek-V3.2's indexer
+KV_PROJ = {"k_proj", "v_proj"}                       # split over min(TP, KV heads)
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """Which dims of a weight tensor parallelism splits: rows (N), columns (K), both or none."""
+    rows: bool
+    cols: bool
+    max_ways: int | None = None     # KV heads: the engines replicate them beyond this many ranks
+    expert: bool = False            # a routed expert: not split under expert parallelism
+    known: bool = True
+
+
+def split_rule(name: str, kv_heads: int | None = None) -> SplitRule:
+    """How tensor parallelism splits the weight `name`.
+
+    >>> split_rule("model.layers.3.mlp.experts.7.down_proj.weight")
+    SplitRule(rows=False, cols=True, max_ways=None, expert=True, known=True)
+    """
+    parts = name.split(".")
+    leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+    expert = ".experts." in name and ".shared_experts." not in name
+    if leaf in COLUMN_PARALLEL:
+        return SplitRule(True, False, kv_heads if leaf in KV_PROJ else None, expert)
+    if leaf in ROW_PARALLEL:
+        return SplitRule(False, True, None, expert)
+    if leaf in REPLICATED:
+        return SplitRule(False, False, None, expert)
+    return SplitRule(True, True, None, expert, known=False)
+
+
+def split_failure(shape: tuple[int, ...], rule: SplitRule, tp: int, ep: bool,
+                  block: tuple[int, int]) -> str | None:
+    """Why `block` cannot serve this weight at `tp` ranks, or None if it can.
+
+    >>> split_failure((18432, 7168), SplitRule(True, False), 32, False, (128, 128))
+    '576 rows per rank are not a multiple of 128'
+    >>> split_failure((18432, 7168), SplitRule(True, False), 32, False, (64, 64)) is None
+    True
+    """
+    if rule.expert and ep:
+        return None
+    ways = min(tp, rule.max_ways) if rule.max_ways else tp
+    for split, size, edge, what in ((rule.rows, shape[-2], block[0], "rows"), (rule.cols, shape[-1], block[1], "columns")):
+        if not split:
+            continue
+        if size % ways:
+            return f"{size} {what} do not split evenly over {ways} ranks"
+        if (size // ways) % edge:
+            return f"{size // ways} {what} per rank are not a multiple of {edge}"
+    return None
+
+
+def _kv_heads(config: dict) -> int | None:
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c, dict):
+            heads = c.get("num_key_value_heads") or c.get("num_attention_heads")
+            if isinstance(heads, int) and heads > 0:
+                return heads
+    return None
+
+
+@dataclass
+class TPAdvice:
+    """The TP table of a checkpoint, with the weights that limit each entry."""
+    weights: dict[tuple[tuple[int, ...], SplitRule], str]    # distinct (shape, rule) -> an example name
+    source_block: tuple[int, int]
+    unknown: list[str]
+
+    def failure(self, tp: int, ep: bool, block: tuple[int, int]) -> str | None:
+        """The first weight `block` cannot serve at `tp`, as a sentence, or None."""
+        for (shape, rule), name in self.weights.items():
+            why = split_failure(shape, rule, tp, ep, block)
+            if why:
+                return f"{name}: {why}"
+        return None
+
+    def best_edge(self, tp: int, ep: bool) -> int | None:
+        """The largest square block edge that divides the source block and works at `tp`."""
+        for edge in BLOCK_EDGES:
+            if (all(b % edge == 0 for b in self.source_block)
+                    and self.failure(tp, ep, (edge, edge)) is None):
+                return edge
+        return None
+
+    def table(self, ep: bool) -> dict[str, int | None]:
+        return {str(tp): self.best_edge(tp, ep) for tp in TP_SIZES}
+
+
+def advise_tp(ckpt: Checkpoint) -> TPAdvice:
+    """Collect every FP8 weight's split rule (distinct shapes only: 90k tensors, ~20 kinds)."""
+    kv_heads = _kv_heads(ckpt.config)
+    weights: dict[tuple[tuple[int, ...], SplitRule], str] = {}
+    unknown: list[str] = []
+    for pair in ckpt.pairs.values():
+        rule = split_rule(pair.weight.name, kv_heads)
+        if not rule.known:
+            unknown.append(pair.weight.name)
+        weights.setdefault((pair.weight.shape, rule), pair.weight.name)
+    return TPAdvice(weights, ckpt.source_block, sorted(unknown))
+
+
+def choose_block_for_tp(advice: TPAdvice, tp: int, ep: bool) -> tuple[int, int] | None:
+    """The target block for `--tp`: None when the source block already works.
+
+    Raises ConversionError when no block of 16 or more can serve this TP degree.
+    """
+    mode = f"TP{tp}" + (" with expert parallelism" if ep else "")
+    if advice.failure(tp, ep, advice.source_block) is None:
+        return None
+    edge = advice.best_edge(tp, ep)
+    if edge is None:
+        smallest = min(e for e in BLOCK_EDGES if all(b % e == 0 for b in advice.source_block))
+        raise ConversionError(f"no block size of {smallest} or more works at {mode}: "
+                              f"{advice.failure(tp, ep, (smallest, smallest))}")
+    return (edge, edge)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1009,8 +1165,19 @@ def bytes_to_write(plan: Plan, state: OutputState, reflink: bool) -> int:
     return need + sum(f.size for f in plan.other_files) + len(plan.config_text) + len(plan.index_text or "")
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+def human_bytes(n: float) -> str:
+    """Bytes for people, in decimal units as disks and tqdm count them.
+
+    >>> human_bytes(690e9), human_bytes(4032), human_bytes(12)
+    ('690.0 GB', '4.0 kB', '12 B')
+    """
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: int = 1,
@@ -1033,7 +1200,7 @@ def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: i
         need = bytes_to_write(plan, state, use_reflink)
         free = shutil.disk_usage(plan.output_dir).free
         if need > free:
-            raise _fail(plan.output_dir, f"needs {gb(need)} more but its filesystem has {gb(free)} free; "
+            raise _fail(plan.output_dir, f"needs {human_bytes(need)} more but its filesystem has {human_bytes(free)} free; "
                                          "free space or choose another -o")
         _write_run_file(plan)
         summary = _write_all(plan, state, use_reflink, workers, quiet)
@@ -1115,6 +1282,125 @@ def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event
 
 
 # ---------------------------------------------------------------------------------------------
+# Verifying an output against its input
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class VerifyReport:
+    tensors_equal: int = 0
+    scales_replicated: int = 0
+    files_equal: int = 0
+    bytes_compared: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def first_difference(fd_a: int, off_a: int, fd_b: int, off_b: int, length: int,
+                     on_bytes: Callable[[int], None] = lambda n: None) -> int | None:
+    """Offset of the first differing byte of two equal-length ranges, or None; streams 8 MB at a time."""
+    done = 0
+    while done < length:
+        n = min(BUFFER_BYTES, length - done)
+        a, b = os.pread(fd_a, n, off_a + done), os.pread(fd_b, n, off_b + done)
+        if a != b:
+            if len(a) != len(b):
+                return done + min(len(a), len(b))
+            return done + next(i for i in range(len(a)) if a[i] != b[i])
+        done += n
+        on_bytes(n)
+    return None
+
+
+def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
+    """Check every output tensor and file against the input, without trusting the output's header
+    layout: unchanged tensors byte-equal, scales equal to the replication of the source scale in the
+    engine shape, config and index as planned, every other file byte-equal."""
+    report = VerifyReport()
+    out = plan.output_dir
+    total = (sum(p.src_end - p.src_begin for s in plan.shards for p in s.pieces)
+             + sum(f.size for f in plan.other_files))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying", disable=quiet,
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        for shard in plan.shards:
+            _verify_shard(plan, shard, report, bar.update)
+        for item in plan.other_files:
+            _verify_other_file(out, item, report, bar.update)
+    _verify_json(out / CONFIG_NAME, plan.config_text, report,
+                 "differs from the input's config.json with only weight_block_size changed")
+    if plan.index_text is not None:
+        _verify_json(out / INDEX_NAME, plan.index_text, report,
+                     "weight_map or total_size differ from the input's index and the real tensor sizes")
+    if os.path.lexists(out / STATE_DIR):
+        report.problems.append(f"{out}: an unfinished run's {STATE_DIR}/ is still there; re-run the conversion")
+    return report
+
+
+def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: Callable[[int], None]) -> None:
+    path = plan.output_dir / shard.name
+    if not path.is_file():
+        report.problems.append(f"{shard.name}: missing from the output")
+        return
+    try:
+        header = read_shard_header(path, shard.name)
+    except ConversionError as e:
+        report.problems.append(str(e))
+        return
+    metadata = dict(read_shard_header(shard.source, shard.name).metadata or {})
+    metadata.setdefault("format", "pt")
+    if header.metadata != metadata:
+        report.problems.append(f"{shard.name}: __metadata__ {header.metadata} differs from the input's {metadata}")
+    written = {t.name: t for t in header.tensors}
+    if set(written) != {p.name for p in shard.pieces}:
+        missing = sorted({p.name for p in shard.pieces} - set(written)) or sorted(set(written) - {p.name for p in shard.pieces})
+        report.problems.append(f"{shard.name}: {missing[0]}: tensor names differ from the input shard")
+        return
+    with open(shard.source, "rb") as src, open(path, "rb") as dst:
+        for p in shard.pieces:
+            t = written[p.name]
+            if (t.dtype, t.shape) != (p.dtype, p.shape):
+                report.problems.append(f"{shard.name}: {p.name}: {t.dtype} {list(t.shape)}, expected {p.dtype} {list(p.shape)}")
+            elif p.resize:
+                expected = new_scale_bytes(src.fileno(), p, plan.factor)
+                if os.pread(dst.fileno(), len(expected), t.begin) != expected:
+                    report.problems.append(f"{shard.name}: {p.name}: scale values are not the "
+                                           f"{block_name(plan.factor)} replication of the input scale")
+                else:
+                    report.scales_replicated += 1
+                on_bytes(p.src_end - p.src_begin)
+            else:
+                at = first_difference(src.fileno(), p.src_begin, dst.fileno(), t.begin, t.end - t.begin, on_bytes)
+                if at is not None:
+                    report.problems.append(f"{shard.name}: {p.name}: byte {at} differs from the input")
+                else:
+                    report.tensors_equal += 1
+            report.bytes_compared += p.src_end - p.src_begin
+
+
+def _verify_other_file(out: Path, item: OtherFile, report: VerifyReport, on_bytes: Callable[[int], None]) -> None:
+    path = out / item.relpath
+    if not path.is_file() or path.stat().st_size != item.size:
+        report.problems.append(f"{item.relpath}: missing from the output or of another size")
+        return
+    with open(item.source, "rb") as a, open(path, "rb") as b:
+        at = first_difference(a.fileno(), 0, b.fileno(), 0, item.size, on_bytes)
+    if at is not None:
+        report.problems.append(f"{item.relpath}: byte {at} differs from the input")
+    else:
+        report.files_equal += 1
+        report.bytes_compared += item.size
+
+
+def _verify_json(path: Path, expected_text: str, report: VerifyReport, what: str) -> None:
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == json.loads(expected_text):
+            report.files_equal += 1
+            return
+    except (OSError, ValueError):
+        report.problems.append(f"{path.name}: missing or not valid JSON")
+        return
+    report.problems.append(f"{path.name}: {what}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -1145,16 +1431,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Resize the quantization blocks of a block-FP8 checkpoint (DeepSeek-V3/R1, Kimi-K2, "
-                    "Qwen3-FP8, ...) by replicating its scales. Lossless: every weight dequantizes to "
-                    "exactly the same value. The input folder is never modified.")
+                    "Qwen3-FP8, MiniMax-M2, ...) by replicating its scales. Lossless: every weight "
+                    "dequantizes to exactly the same value. The input folder is never modified.")
     p.add_argument("input", metavar="INPUT", help="model folder with config.json and .safetensors shards")
     p.add_argument("-o", "--output", metavar="OUTPUT",
                    help="output folder (default: INPUT-Block64x64 next to INPUT, named after the block)")
-    p.add_argument("--block-size", metavar="B", default="64",
+    p.add_argument("--block-size", metavar="B",
                    help="target block: 64, 64x64 or 64,128 (rows x cols); must divide the source block "
                         "(default: 64)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
+    p.add_argument("--tp", type=int, metavar="N",
+                   help="pick the largest block that tensor parallelism over N GPUs can load; "
+                        "exits without writing if the checkpoint already works at TP N")
+    p.add_argument("--ep", action="store_true",
+                   help="with --tp: experts are placed by expert parallelism, not split")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the TP table, write nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
+    p.add_argument("--verify", action="store_true",
+                   help="convert if needed, then compare every output tensor and file with the input")
     p.add_argument("--force", action="store_true",
                    help="rewrite every shard, also those an earlier run of the same conversion finished")
     p.add_argument("--no-reflink", action="store_true",
@@ -1166,17 +1460,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def describe_plan(plan: Plan) -> dict:
+def describe_plan(plan: Plan, advice: TPAdvice) -> dict:
     """The plan as data: what --dry-run --json prints."""
-    examples: dict[str, dict] = {}
+    examples: dict[tuple, dict] = {}
     for s in plan.shards:
         for p in s.scales:
-            key = f"{list(p.resize.old_shape)}->{list(p.resize.new_shape)}"
-            examples.setdefault(key, {"tensor": p.name, "weight_shape": list(p.resize.weight_shape),
-                                      "scale_before": list(p.resize.old_shape),
-                                      "scale_after": list(p.resize.new_shape), "dtype": p.dtype})
+            examples.setdefault((p.resize.old_shape, p.resize.new_shape), {
+                "tensor": p.name, "weight_shape": list(p.resize.weight_shape), "dtype": p.dtype,
+                "scale_before": list(p.resize.old_shape), "scale_after": list(p.resize.new_shape)})
     out = plan.output_dir
-    free_at = out if out.exists() else out.parent
+    free_at = next((d for d in (out, *out.parents) if d.exists()), None)
     return {
         "input": str(plan.input_dir), "output": str(out),
         "source_block": list(plan.source_block), "target_block": list(plan.target_block),
@@ -1184,55 +1477,100 @@ def describe_plan(plan: Plan) -> dict:
         "bytes_in": sum(s.source_size for s in plan.shards) + sum(f.size for f in plan.other_files),
         "bytes_out": plan.bytes_out,
         "bytes_shareable": sum(s.shareable_bytes() for s in plan.shards),
-        "free_bytes": shutil.disk_usage(free_at).free if free_at.exists() else None,
+        "free_bytes": shutil.disk_usage(free_at).free if free_at else None,
         "other_files": len(plan.other_files),
         "scale_examples": list(examples.values()),
+        "tp": advice.table(ep=False), "tp_ep": advice.table(ep=True),
+        "tp_unknown_weights": advice.unknown,
     }
 
 
 def print_plan(info: dict) -> None:
     print(f"plan: {info['input']} -> {info['output']}")
-    print(f"  blocks        {block_name(info['source_block'])} -> {block_name(info['target_block'])}")
-    print(f"  shards        {info['shards']}, FP8 weights {info['fp8_weights']}, scales to resize {info['scales']}")
+    print(f"  blocks          {block_name(info['source_block'])} -> {block_name(info['target_block'])}")
+    print(f"  shards          {info['shards']} ({info['fp8_weights']} FP8 weights, {info['scales']} scales to resize, "
+          f"{info['other_files']} other files to copy)")
     for ex in info["scale_examples"]:
-        print(f"    {ex['tensor']}: weight {ex['weight_shape']}, scale {ex['scale_before']} -> {ex['scale_after']} {ex['dtype']}")
-    print(f"  other files   {info['other_files']}")
-    print(f"  bytes to write {gb(info['bytes_out'])} (copy-on-write could share {gb(info['bytes_shareable'])})")
+        print(f"    e.g. {ex['tensor']}: weight {ex['weight_shape']}, "
+              f"scale {ex['scale_before']} -> {ex['scale_after']} {ex['dtype']}")
+    print(f"  bytes to write  {human_bytes(info['bytes_out'])} "
+          f"(copy-on-write filesystems share {human_bytes(info['bytes_shareable'])} of it with the input)")
     if info["free_bytes"] is not None:
-        print(f"  free space    {gb(info['free_bytes'])}")
+        print(f"  free space      {human_bytes(info['free_bytes'])}")
+    print("  largest block each tensor-parallel degree can load (EP: experts not split):")
+    print("    TP   " + "".join(f"{tp:>6}" for tp in info["tp"]))
+    for key, label in (("tp", "TP   "), ("tp_ep", "TP+EP")):
+        print(f"    {label}" + "".join(f"{edge or '-':>6}" for edge in info[key].values()))
+    if info["tp_unknown_weights"]:
+        print(f"  unknown layer names, assumed split on both dims: {', '.join(info['tp_unknown_weights'][:5])}"
+              + (" ..." if len(info["tp_unknown_weights"]) > 5 else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        input_dir = Path(args.input)
-        target = parse_block_size(args.block_size)
-        output_dir = Path(args.output) if args.output else default_output(input_dir, target)
-        plan = make_plan(input_dir, output_dir, target)
-        check_output_location(input_dir, output_dir)
-        if args.dry_run:
-            info = describe_plan(plan)
-            if args.json:
-                print(json.dumps(info, indent=2))
-            else:
-                print_plan(info)
-            return 0
-        if args.workers < 1:
-            raise ConversionError("--workers must be at least 1")
-        summary = convert(plan, force=args.force, reflink=not args.no_reflink, workers=args.workers,
-                          quiet=args.quiet)
+        return run(args)
     except ConversionError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted):
-        print(f"{PROG}: interrupted; finished shards are kept, re-run the same command to resume", file=sys.stderr)
+        print(f"{PROG}: interrupted; finished shards are kept, re-run the same command to resume",
+              file=sys.stderr)
         return 130
     except OSError as e:
         print(f"{PROG}: error: {_describe_os_error(e)}", file=sys.stderr)
         return 1
-    if not args.quiet:
-        print_summary(plan, summary)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: validate and plan, then dry-run, convert and/or verify."""
+    if args.tp is not None and args.block_size is not None:
+        raise ConversionError("give --tp or --block-size, not both")
+    if args.tp is not None and args.tp < 1 or args.workers < 1:
+        raise ConversionError("--tp and --workers take a positive number")
+    if args.ep and args.tp is None:
+        raise ConversionError("--ep goes with --tp N")
+    input_dir = Path(args.input)
+    ckpt = read_checkpoint(input_dir)
+    advice = advise_tp(ckpt)
+    if args.tp is not None:
+        target = choose_block_for_tp(advice, args.tp, args.ep)
+        mode = f"TP{args.tp}" + (" with --ep" if args.ep else "")
+        if target is None:
+            print(f"the checkpoint's {block_name(ckpt.source_block)} blocks already load at {mode}; "
+                  "nothing to convert")
+            return 0
+        if not (args.quiet or args.json):
+            print(f"{mode} needs {block_name(target)} blocks: "
+                  f"{advice.failure(args.tp, args.ep, ckpt.source_block)}")
+    else:
+        target = parse_block_size(args.block_size or "64")
+    output_dir = Path(args.output) if args.output else default_output(input_dir, target)
+    plan = make_plan(ckpt, output_dir, target)
+    check_output_location(input_dir, output_dir)
+    if args.dry_run:
+        info = describe_plan(plan, advice)
+        print(json.dumps(info, indent=2)) if args.json else print_plan(info)
+        return 0
+    finished = (output_dir / CONFIG_NAME).exists() and not os.path.lexists(output_dir / STATE_DIR)
+    if not (args.verify and finished):      # --verify checks a finished output as it is
+        summary = convert(plan, force=args.force, reflink=not args.no_reflink, workers=args.workers,
+                          quiet=args.quiet)
+        if not args.quiet:
+            print_summary(plan, summary)
+    if args.verify:
+        report = verify_output(plan, quiet=args.quiet)
+        for problem in report.problems[:20]:
+            print(f"{PROG}: verify: {problem}", file=sys.stderr)
+        if report.problems:
+            more = len(report.problems) - 20
+            print(f"{PROG}: error: {output_dir} does NOT match {input_dir}: {len(report.problems)} problem(s)"
+                  + (f", {more} not shown" if more > 0 else ""), file=sys.stderr)
+            return 1
+        print(f"verified {output_dir}: {report.tensors_equal} tensors byte-identical, "
+              f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
+              f"({human_bytes(report.bytes_compared)} compared)")
     return 0
 
 
@@ -1257,7 +1595,7 @@ def print_summary(plan: Plan, s: Summary) -> None:
     kept = f", {s.shards_kept} kept from an earlier run" if s.shards_kept else ""
     print(f"converted {s.shards_written} shards{kept}: {s.scales} scales resized "
           f"{block_name(plan.source_block)} -> {block_name(plan.target_block)}, "
-          f"{gb(s.bytes_written)} written ({gb(s.bytes_shared)} shared with the input), "
+          f"{human_bytes(s.bytes_written)} written ({human_bytes(s.bytes_shared)} shared with the input), "
           f"{s.seconds:.1f} s -> {plan.output_dir}")
 
 
