@@ -1196,12 +1196,13 @@ def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: i
         state = inspect_output(plan)              # again, now that no other run can change it
         if force:
             state = OutputState(state.kind)
-        use_reflink = reflink and bool(plan.shards) and probe_reflink(plan.shards[0].source, plan.output_dir / STATE_DIR)
+        use_reflink = (reflink and bool(plan.shards)
+                       and probe_reflink(plan.shards[0].source, plan.output_dir / STATE_DIR))
         need = bytes_to_write(plan, state, use_reflink)
         free = shutil.disk_usage(plan.output_dir).free
         if need > free:
-            raise _fail(plan.output_dir, f"needs {human_bytes(need)} more but its filesystem has {human_bytes(free)} free; "
-                                         "free space or choose another -o")
+            raise _fail(plan.output_dir, f"needs {human_bytes(need)} more but its filesystem has "
+                                         f"{human_bytes(free)} free; free space or choose another -o")
         _write_run_file(plan)
         summary = _write_all(plan, state, use_reflink, workers, quiet)
         write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
@@ -1209,9 +1210,11 @@ def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: i
         shutil.rmtree(plan.output_dir / STATE_DIR)
         _fsync_dir(plan.output_dir)
     except BaseException as e:
+        held = lock.fd >= 0
         lock.release()
-        if created and isinstance(e, ConversionError) and not _has_output(plan.output_dir):
-            shutil.rmtree(plan.output_dir, ignore_errors=True)   # refused before writing anything
+        if held and isinstance(e, ConversionError) and not _has_output(plan.output_dir):
+            # Refused before writing anything (e.g. not enough space): leave no trace.
+            shutil.rmtree(plan.output_dir if created else plan.output_dir / STATE_DIR, ignore_errors=True)
         raise
     summary.seconds = time.monotonic() - started
     return summary
