@@ -8,8 +8,8 @@ seeded random BF16 weight, so ``dequantize_block_fp8`` recovers it to FP8 accura
 
 Typical use::
 
-    tensors = deepseek_v3_tensors(hidden=320)
-    write_checkpoint(tmp / "ckpt", tensors, deepseek_v3_config(hidden=320),
+    tensors = deepseek_v3_tensors(hidden=320, intermediate=576)
+    write_checkpoint(tmp / "ckpt", tensors, deepseek_v3_config(hidden=320, intermediate=576),
                      extra_files=default_extra_files())
 """
 
@@ -201,21 +201,21 @@ def _final(b: _Builder, vocab: int, hidden: int, tie_word_embeddings: bool = Fal
 
 def deepseek_v3_tensors(
     *,
-    hidden: int = 160,
+    hidden: int = 128,
     intermediate: int = 192,
-    moe_intermediate: int = 32,
-    n_routed_experts: int = 4,
+    moe_intermediate: int = 64,
+    n_routed_experts: int = 2,
     n_shared_experts: int = 1,
     num_layers: int = 2,
     first_k_dense: int = 1,
     mtp: bool = True,
     num_heads: int = 2,
     q_lora_rank: int = 64,
-    kv_lora_rank: int = 96,
+    kv_lora_rank: int = 128,
     rope_dim: int = 64,
-    nope_dim: int = 16,
-    v_dim: int = 16,
-    vocab: int = 32,
+    nope_dim: int = 32,
+    v_dim: int = 32,
+    vocab: int = 16,
     block: Block = (128, 128),
     scale_dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -225,9 +225,12 @@ def deepseek_v3_tensors(
     """All tensors of a tiny DeepSeek-V3 (MLA attention, dense then MoE layers, optional MTP
     layer at index ``num_layers``), with the real names and dtypes.
 
-    Defaults exercise the hard cases at 128 -> 64: hidden 160 and kv_a_proj_with_mqa rows 160
-    (= kv_lora 96 + rope 64, like 576 = 512 + 64) need a trim of the replicated scale grid,
-    kv_lora 96 and intermediate 192 are not multiples of 128 (96 not of 64 either).
+    Defaults (~0.5 MB) scale the real layout down: like DeepSeek-V3 every dim is a multiple of
+    64 (so a 64x64 result is valid for engines and transformers) but several are not multiples
+    of 128 and need the replicated scale grid trimmed at 64: kv_a_proj_with_mqa rows 192
+    (= kv_lora 128 + rope 64, like 576 = 512 + 64), intermediate 192 (rows of gate/up, columns
+    of down), q_lora 64 and moe_intermediate 64 (= 2048 over TP 32). Pass e.g. ``hidden=130``
+    or ``intermediate=100`` for dims that are not multiples of 64.
     ``fp8=False`` returns the unquantized BF16 originals under the same names (no scales).
     """
     b = _Builder(block=block, scale_dtype=scale_dtype, seed=seed, fp8=fp8,
@@ -293,7 +296,8 @@ def deepseek_v3_config(*, block: Block = (128, 128), scale_fmt: str | None = Non
     quant = _quant_config(block, fmt="e4m3")
     if scale_fmt is not None:
         quant["scale_fmt"] = scale_fmt
-    n_group = 2 if d["n_routed_experts"] % 4 == 0 else 1  # >= 2 experts per group
+    n_experts = d["n_routed_experts"]
+    n_group = 2 if n_experts % 4 == 0 else 1  # >= 2 experts per group
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "attention_bias": False,
@@ -317,11 +321,11 @@ def deepseek_v3_config(*, block: Block = (128, 128), scale_fmt: str | None = Non
         "moe_intermediate_size": d["moe_intermediate"],
         "moe_layer_freq": 1,
         "n_group": n_group,
-        "n_routed_experts": d["n_routed_experts"],
+        "n_routed_experts": n_experts,
         "n_shared_experts": d["n_shared_experts"],
         "norm_topk_prob": True,
         "num_attention_heads": d["num_heads"],
-        "num_experts_per_tok": min(2, d["n_routed_experts"]),
+        "num_experts_per_tok": min(8, max(1, n_experts // 2)),
         "num_hidden_layers": d["num_layers"],
         "num_key_value_heads": d["num_heads"],
         "num_nextn_predict_layers": int(d["mtp"]),
@@ -365,7 +369,7 @@ def kimi_k2_config(*, block: Block = (128, 128), **dims: Any) -> dict[str, Any]:
     """config.json of ``kimi_k2_tensors(**dims)``: DeepseekV3ForCausalLM, model_type kimi_k2."""
     cfg = deepseek_v3_config(block=block, **{**_KIMI_K2, **dims})
     cfg.update(model_type="kimi_k2", n_group=1, topk_group=1, routed_scaling_factor=2.827,
-               max_position_embeddings=131072, rope_theta=50000.0)
+               max_position_embeddings=131072, rms_norm_eps=1e-05, rope_theta=50000.0)
     cfg["rope_scaling"].update(factor=32.0, original_max_position_embeddings=4096)
     return cfg
 
@@ -389,14 +393,14 @@ def _gqa_model(b: _Builder, *, hidden: int, num_layers: int, num_heads: int, num
 
 def qwen3_moe_tensors(
     *,
-    hidden: int = 160,
-    moe_intermediate: int = 96,
+    hidden: int = 128,
+    moe_intermediate: int = 64,
     n_experts: int = 4,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 32,
-    vocab: int = 32,
+    num_heads: int = 3,
+    num_kv_heads: int = 1,
+    head_dim: int = 64,
+    vocab: int = 16,
     block: Block = (128, 128),
     scale_dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
@@ -405,7 +409,7 @@ def qwen3_moe_tensors(
 ) -> dict[str, torch.Tensor]:
     """Tiny Qwen3-MoE-FP8 (e.g. Qwen3-30B-A3B-FP8): FP8 attention and experts with **BF16**
     scales, BF16 router ``mlp.gate.weight``, per-head q_norm/k_norm, no shared expert.
-    moe_intermediate 96 = Qwen3-30B-A3B's 768 split over TP 8."""
+    q_proj rows / o_proj columns 192 (3 heads x 64) need a trim at 64."""
     b = _Builder(block=block, scale_dtype=scale_dtype, seed=seed, fp8=fp8,
                  power_of_two_scales=power_of_two_scales)
 
@@ -420,13 +424,13 @@ def qwen3_moe_tensors(
 
 def qwen3_dense_tensors(
     *,
-    hidden: int = 160,
+    hidden: int = 128,
     intermediate: int = 192,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 32,
-    vocab: int = 32,
+    num_heads: int = 3,
+    num_kv_heads: int = 1,
+    head_dim: int = 64,
+    vocab: int = 16,
     tie_word_embeddings: bool = False,
     block: Block = (128, 128),
     scale_dtype: torch.dtype = torch.bfloat16,
@@ -446,14 +450,14 @@ def qwen3_dense_tensors(
 
 def minimax_m2_tensors(
     *,
-    hidden: int = 160,
-    intermediate: int = 96,
+    hidden: int = 128,
+    intermediate: int = 64,
     n_experts: int = 4,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 32,
-    vocab: int = 32,
+    num_heads: int = 3,
+    num_kv_heads: int = 1,
+    head_dim: int = 64,
+    vocab: int = 16,
     block: Block = (128, 128),
     scale_dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -569,16 +573,22 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _contiguous_shards(tensors: Mapping[str, torch.Tensor], shards: int) -> dict[str, int]:
-    """Split in insertion order into ``shards`` groups of about equal bytes. A tensor goes to
-    the shard where it *starts*, so a big FP8 weight crossing a boundary stays behind while its
-    small scale (next in order) opens the next shard, as happens in real checkpoints."""
-    total = sum(_nbytes(t) for t in tensors.values()) or 1
-    placement, offset = {}, 0
-    for name, t in tensors.items():
-        placement[name] = min(shards - 1, offset * shards // total)
-        offset += _nbytes(t)
-    if len(set(placement.values())) != shards:
+    """Split in insertion order into ``shards`` non-empty groups of about equal bytes.
+
+    A tensor goes to the shard where it *starts*, so a big FP8 weight crossing a boundary stays
+    behind while its small scale (next in order) opens the next shard, as in real checkpoints.
+    """
+    if not 1 <= shards <= len(tensors):
         raise ValueError(f"cannot split {len(tensors)} tensors into {shards} non-empty shards")
+    total = sum(_nbytes(t) for t in tensors.values()) or 1
+    placement: dict[str, int] = {}
+    shard = offset = 0
+    for i, (name, t) in enumerate(tensors.items()):
+        behind = offset * shards // total > shard
+        if i and shard < shards - 1 and (behind or len(tensors) - i == shards - 1 - shard):
+            shard += 1
+        placement[name] = shard
+        offset += _nbytes(t)
     return placement
 
 
@@ -626,9 +636,9 @@ def write_checkpoint(
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for rel, content in (extra_files or {}).items():
-        path = folder / rel
-        if path.is_absolute() or ".." in Path(rel).parts:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ValueError(f"extra file path must be relative and inside the folder: {rel!r}")
+        path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     return folder

@@ -1,0 +1,1 @@
+# placeholder for DeepseekV3Config (remote code)

@@ -1,0 +1,1 @@
+# placeholder: FP8 -> BF16 cast using weight_dequant

@@ -1,0 +1,1 @@
+# placeholder: weight_dequant(x, s, block_size=128)
