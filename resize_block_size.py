@@ -19,6 +19,7 @@ the source, shared with it on copy-on-write filesystems), then check what was wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -128,21 +129,42 @@ def expand_scale(scale: torch.Tensor, factor: tuple[int, int], shape: tuple[int,
     return grown[..., : shape[-2], : shape[-1]].clone(memory_format=torch.contiguous_format)
 
 
+def shrink_scale(scale: torch.Tensor, factor: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The inverse of `expand_scale`: every `factor`-th scale, or None if `scale` is not exactly
+    the replication of those (then shrinking would lose information).
+
+    >>> shrink_scale(torch.tensor([[1., 1., 2.], [1., 1., 2.], [3., 3., 4.]]), (2, 2), (2, 2)).tolist()
+    [[1.0, 2.0], [3.0, 4.0]]
+    >>> shrink_scale(torch.tensor([[1., 5.]]), (1, 2), (1, 1)) is None
+    True
+    """
+    small = scale[..., :: factor[0], :: factor[1]].clone(memory_format=torch.contiguous_format)
+    if tuple(small.shape) != tuple(shape) or not torch.equal(expand_scale(small, factor, scale.shape), scale):
+        return None
+    return small
+
+
 # Integer dtypes of each width, so scales of any float format are replicated as raw bits.
 _RAW_INT = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
-def resize_scale_bytes(raw: bytes, dtype: str, old_shape: tuple[int, ...],
-                       new_shape: tuple[int, ...], factor: tuple[int, int]) -> bytes:
-    """`expand_scale` on the raw little-endian bytes of a safetensors tensor.
+def resize_scale_bytes(raw: bytes, dtype: str, old_shape: tuple[int, ...], new_shape: tuple[int, ...],
+                       old_block: tuple[int, int], new_block: tuple[int, int]) -> bytes | None:
+    """A scale's raw little-endian bytes for `new_block`: expanded when the block shrinks,
+    shrunk (None if the scale is not a replication) when it grows.
 
-    >>> resize_scale_bytes(bytes([1, 2]), "F8_E8M0", (1, 2), (2, 3), (2, 2))
+    >>> resize_scale_bytes(bytes([1, 2]), "F8_E8M0", (1, 2), (2, 3), (128, 128), (64, 64))
     b'\\x01\\x01\\x02\\x01\\x01\\x02'
     """
-    if math.prod(new_shape) == 0:
+    if math.prod(new_shape) == 0 or math.prod(old_shape) == 0:
         return b""
-    flat = torch.frombuffer(bytearray(raw), dtype=_RAW_INT[DTYPE_BITS[dtype]])
-    new = expand_scale(flat.reshape(old_shape), factor, new_shape)
+    old = torch.frombuffer(bytearray(raw), dtype=_RAW_INT[DTYPE_BITS[dtype]]).reshape(old_shape)
+    if new_block[0] <= old_block[0] and new_block[1] <= old_block[1]:
+        new = expand_scale(old, (old_block[0] // new_block[0], old_block[1] // new_block[1]), new_shape)
+    else:
+        new = shrink_scale(old, (new_block[0] // old_block[0], new_block[1] // old_block[1]), new_shape)
+        if new is None:
+            return None
     return bytes(new.untyped_storage())
 
 
@@ -184,7 +206,8 @@ class ShardHeader:
     path: Path
     size: int
     metadata: dict[str, str] | None
-    tensors: list[TensorEntry]      # in file order
+    tensors: list[TensorEntry]      # in data order
+    prefix: bytes                   # the file's first bytes: 8-byte length + header JSON
 
 
 def _read_json_file(path: Path, label: str) -> tuple[str, object]:
@@ -247,6 +270,13 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
             raw = f.read(header_len)
     except OSError as e:
         raise _fail(where, f"cannot read: {e.strerror}")
+    return parse_shard_header(path, name, size, prefix + raw)
+
+
+def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> ShardHeader:
+    """Check a shard's prefix (8-byte length + header JSON) against a file of `size` bytes."""
+    where = name
+    header_len, raw = len(prefix) - 8, prefix[8:]
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -273,7 +303,7 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
     if cursor != size:
         raise _fail(where, f"tensor data ends at byte {cursor} but the file has {size} bytes; "
                            "the file is truncated or corrupt, re-download it")
-    return ShardHeader(name, path, size, metadata, tensors)
+    return ShardHeader(name, path, size, metadata, tensors, prefix)
 
 
 def _tensor_entry(where: str, name: str, info: object, data_start: int) -> TensorEntry:
@@ -302,11 +332,17 @@ def _tensor_entry(where: str, name: str, info: object, data_start: int) -> Tenso
 
 @dataclass(frozen=True)
 class ScaleResize:
-    """How one scale tensor changes."""
+    """How one scale tensor changes: from `old_block` to `new_block` (either may be larger)."""
     weight: str
     weight_shape: tuple[int, ...]
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
+    old_block: tuple[int, int]
+    new_block: tuple[int, int]
+
+    def reversed(self) -> ScaleResize:
+        return ScaleResize(self.weight, self.weight_shape, self.new_shape, self.old_shape,
+                           self.new_block, self.old_block)
 
 
 @dataclass(frozen=True)
@@ -381,10 +417,6 @@ class Plan:
     fingerprint: str                # identifies this conversion, for resuming
 
     @property
-    def factor(self) -> tuple[int, int]:
-        return (self.source_block[0] // self.target_block[0], self.source_block[1] // self.target_block[1])
-
-    @property
     def scale_count(self) -> int:
         return sum(len(s.scales) for s in self.shards)
 
@@ -395,20 +427,29 @@ class Plan:
 
 
 def check_target_block(source: tuple[int, int], target: tuple[int, int]) -> None:
-    """Refuse a target the scales cannot be replicated to."""
+    """Refuse a target the scales cannot be resized to exactly.
+
+    Smaller blocks must divide the source block. Larger ones (going back, e.g. 64 -> 128) must be
+    whole multiples of it, and are later checked to be replications.
+    """
     if target == source:
         raise ConversionError(f"the checkpoint already uses {block_name(source)} blocks: nothing to convert "
                               "(was it converted already?)")
+    smaller = all(t <= s for s, t in zip(source, target))
+    larger = all(t >= s for s, t in zip(source, target))
     for s, t in zip(source, target):
-        if t > s:
-            raise ConversionError(f"--block-size {block_name(target)} is larger than the checkpoint's "
-                                  f"{block_name(source)} blocks; blocks can only be made smaller")
-        if s % t:
-            raise ConversionError(f"--block-size {block_name(target)} does not divide the checkpoint's "
-                                  f"{block_name(source)} blocks; pick a divisor such as {s // 2}")
         if t < MIN_BLOCK:
             raise ConversionError(f"--block-size {block_name(target)}: blocks below {MIN_BLOCK} are not "
                                   "supported by the engines' block-FP8 kernels")
+        if smaller and s % t:
+            raise ConversionError(f"--block-size {block_name(target)} does not divide the checkpoint's "
+                                  f"{block_name(source)} blocks; pick a divisor such as {s // 2}")
+        if larger and t % s:
+            raise ConversionError(f"--block-size {block_name(target)} is larger than the checkpoint's "
+                                  f"{block_name(source)} blocks but not a multiple of them")
+    if not (smaller or larger):
+        raise ConversionError(f"--block-size {block_name(target)} makes one dim of the checkpoint's "
+                              f"{block_name(source)} blocks smaller and the other larger; do one at a time")
 
 
 def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
@@ -515,6 +556,15 @@ def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPla
     pieces = [Piece(p.name, p.dtype, p.shape, p.src_begin, p.src_end, p.out_begin + data_start,
                     p.out_end + data_start, p.resize) for p in pieces]
     return ShardPlan(header.name, header.path, header.size, prefix, pieces, data_start + offset)
+
+
+def invert_shard(forward: ShardPlan, original: ShardHeader) -> ShardPlan:
+    """The plan that turns `forward`'s output back into the `original` file, byte for byte."""
+    where = {t.name: t for t in original.tensors}
+    pieces = sorted((Piece(p.name, p.dtype, where[p.name].shape, p.out_begin, p.out_end,
+                           where[p.name].begin, where[p.name].end, p.resize and p.resize.reversed())
+                     for p in forward.pieces), key=lambda p: p.out_begin)
+    return ShardPlan(forward.name, original.path, forward.out_size, original.prefix, pieces, original.size)
 
 
 def _padded_header_len(json_len: int, pieces: list[Piece]) -> int:
@@ -644,7 +694,8 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
     """Decide every byte of the output for `target` blocks."""
     source = ckpt.source_block
     check_target_block(source, target)
-    resizes = {name: ScaleResize(p.weight.name, p.weight.shape, p.scale.shape, scale_shape(p.weight.shape, target))
+    resizes = {name: ScaleResize(p.weight.name, p.weight.shape, p.scale.shape,
+                                 scale_shape(p.weight.shape, target), source, target)
                for name, p in ckpt.pairs.items()}
     shards = [plan_shard(h, resizes) for h in ckpt.headers]
 
@@ -829,6 +880,7 @@ class ByteCopier:
         self.stop = stop or threading.Event()
         self.shared = 0
         self.copied = 0
+        self.written = 0            # headers and scales, counted by `wrote`
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -883,6 +935,11 @@ class ByteCopier:
         while written < got:
             written += os.pwrite(dst_fd, view[written:got], dst + written)
         return got
+
+    def wrote(self, n: int) -> None:
+        with self._lock:
+            self.written += n
+        self.on_bytes(n)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -988,20 +1045,37 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def new_scale_bytes(src_fd: int, piece: Piece, factor: tuple[int, int]) -> bytes:
+def new_scale_bytes(src_fd: int, piece: Piece, shard: str = "") -> bytes:
+    """Read a scale from the source and resize it; refuses a scale that cannot be shrunk exactly."""
     raw = os.pread(src_fd, piece.src_end - piece.src_begin, piece.src_begin)
     if len(raw) != piece.src_end - piece.src_begin:
         raise ConversionError(f"{piece.name}: source ended early; was it changed during the run?")
-    return resize_scale_bytes(raw, piece.dtype, piece.resize.old_shape, piece.resize.new_shape, factor)
+    r = piece.resize
+    new = resize_scale_bytes(raw, piece.dtype, r.old_shape, r.new_shape, r.old_block, r.new_block)
+    if new is None:
+        raise _fail(shard or piece.name, f"{piece.name}: this scale is not a {block_name(r.old_block)} replication "
+                                         f"of {block_name(r.new_block)} scales (was the checkpoint really quantized "
+                                         f"at {block_name(r.new_block)}?); going back would lose information")
+    return new
 
 
-def write_shard(shard: ShardPlan, output_dir: Path, factor: tuple[int, int], copier: ByteCopier) -> None:
+def check_scales_shrink(shards: list[ShardPlan]) -> None:
+    """Before writing anything that makes blocks larger: every scale must be a replication."""
+    for shard in shards:
+        if any(p.resize.new_block[0] > p.resize.old_block[0] or p.resize.new_block[1] > p.resize.old_block[1]
+               for p in shard.scales):
+            with open(shard.source, "rb") as f:
+                for p in shard.scales:
+                    new_scale_bytes(f.fileno(), p, shard.name)
+
+
+def write_shard(shard: ShardPlan, output_dir: Path, copier: ByteCopier) -> None:
     """Stream one shard: header, resized scales, and every other byte copied from the source."""
     src_fd = os.open(shard.source, os.O_RDONLY | os.O_CLOEXEC)
     try:
         def fill(fd: int) -> None:
             _pwrite_all(fd, shard.header, 0)
-            copier.on_bytes(len(shard.header))
+            copier.wrote(len(shard.header))
             # In output order, so the file only grows at its end: a clone must start at the
             # (block-aligned) end of the destination.
             steps: list[Piece | CopyRun] = [*shard.scales, *shard.copy_runs()]
@@ -1009,16 +1083,16 @@ def write_shard(shard: ShardPlan, output_dir: Path, factor: tuple[int, int], cop
                 if isinstance(step, CopyRun):
                     copier.copy(src_fd, fd, step)
                 else:
-                    data = new_scale_bytes(src_fd, step, factor)
+                    data = new_scale_bytes(src_fd, step, shard.name)
                     _pwrite_all(fd, data, step.out_begin)
-                    copier.on_bytes(len(data))
-            self_check(shard, fd, src_fd, factor)
+                    copier.wrote(len(data))
+            self_check(shard, fd, src_fd)
         write_atomic(output_dir / shard.name, fill)
     finally:
         os.close(src_fd)
 
 
-def self_check(shard: ShardPlan, out_fd: int, src_fd: int, factor: tuple[int, int]) -> None:
+def self_check(shard: ShardPlan, out_fd: int, src_fd: int) -> None:
     """Re-read what was just written: the header and every resized scale (a few MB per shard)."""
     size = os.fstat(out_fd).st_size
     if size != shard.out_size:
@@ -1026,7 +1100,7 @@ def self_check(shard: ShardPlan, out_fd: int, src_fd: int, factor: tuple[int, in
     if os.pread(out_fd, len(shard.header), 0) != shard.header:
         raise ConversionError(f"{shard.name}: header read back differs from the one written")
     for p in shard.scales:
-        if os.pread(out_fd, p.out_end - p.out_begin, p.out_begin) != new_scale_bytes(src_fd, p, factor):
+        if os.pread(out_fd, p.out_end - p.out_begin, p.out_begin) != new_scale_bytes(src_fd, p, shard.name):
             raise ConversionError(f"{shard.name}: {p.name}: scale read back differs from the one written")
 
 
@@ -1198,11 +1272,8 @@ def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: i
             state = OutputState(state.kind)
         use_reflink = (reflink and bool(plan.shards)
                        and probe_reflink(plan.shards[0].source, plan.output_dir / STATE_DIR))
-        need = bytes_to_write(plan, state, use_reflink)
-        free = shutil.disk_usage(plan.output_dir).free
-        if need > free:
-            raise _fail(plan.output_dir, f"needs {human_bytes(need)} more but its filesystem has "
-                                         f"{human_bytes(free)} free; free space or choose another -o")
+        check_free_space(plan.output_dir, bytes_to_write(plan, state, use_reflink))
+        check_scales_shrink([s for s in plan.shards if s.name not in state.done_shards])
         _write_run_file(plan)
         summary = _write_all(plan, state, use_reflink, workers, quiet)
         write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
@@ -1232,11 +1303,22 @@ def _write_run_file(plan: Plan) -> None:
 
 
 def _write_all(plan: Plan, state: OutputState, reflink: bool, workers: int, quiet: bool) -> Summary:
-    out = plan.output_dir
+    todo = [s for s in plan.shards if s.name not in state.done_shards]
+    copier = write_files(plan.output_dir, todo, plan.other_files, reflink=reflink, workers=workers, quiet=quiet)
+    if plan.index_text is not None:
+        write_text(plan.output_dir / INDEX_NAME, plan.index_text)
+    return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
+                   scales=sum(len(s.scales) for s in todo),
+                   bytes_written=copier.shared + copier.copied + copier.written,
+                   bytes_shared=copier.shared, method=copier.method)
+
+
+def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, reflink: bool,
+                workers: int = 1, quiet: bool = False) -> ByteCopier:
+    """Write shards and copy other files into `out`, with one progress bar over all their bytes."""
     for stale in out.glob(".*.partial"):      # left by a killed run; ours by name
         _unlink_quietly(stale)
-    todo = [s for s in plan.shards if s.name not in state.done_shards]
-    total = sum(s.out_size for s in todo) + sum(f.size for f in plan.other_files)
+    total = sum(s.out_size for s in shards) + sum(f.size for f in others)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
                desc="converting", dynamic_ncols=True, file=sys.stderr)
     bar_lock = threading.Lock()
@@ -1247,18 +1329,20 @@ def _write_all(plan: Plan, state: OutputState, reflink: bool, workers: int, quie
 
     stop = threading.Event()
     copier = ByteCopier("reflink" if reflink else "copy_file_range", advance, stop)
-    jobs: list[Callable[[], None]] = [
-        (lambda s=s: write_shard(s, out, plan.factor, copier)) for s in todo]
-    jobs += [(lambda f=f: copy_other_file(f, out, copier)) for f in plan.other_files]
+    jobs: list[Callable[[], None]] = [(lambda s=s: write_shard(s, out, copier)) for s in shards]
+    jobs += [(lambda f=f: copy_other_file(f, out, copier)) for f in others]
     try:
         run_jobs(jobs, workers, stop)
-        if plan.index_text is not None:
-            write_text(out / INDEX_NAME, plan.index_text)
     finally:
         bar.close()
-    return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
-                   scales=sum(len(s.scales) for s in todo),
-                   bytes_written=total, bytes_shared=copier.shared, method=copier.method)
+    return copier
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise _fail(folder, f"needs {human_bytes(need)} more but its filesystem has "
+                            f"{human_bytes(free)} free; free space or choose another -o")
 
 
 def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event) -> None:
@@ -1282,6 +1366,165 @@ def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event
         pool.shutdown(wait=True)
         raise
     pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# In place: convert INPUT itself, one shard at a time, and restore it exactly
+# ---------------------------------------------------------------------------------------------
+# INPUT/.resize_block_size/ keeps, before any shard is replaced, everything needed to give back the
+# original files byte for byte: run.json (blocks, shard sizes), original/config.json, the original
+# index, and each shard's original header bytes (original/headers/NAME). The tensor bytes never
+# change and the original scales are every (2, 2)-th element of the new ones, so that is enough.
+# Progress needs no record: each shard is either the original (its recorded size and header) or
+# the converted one (the planned size and header); anything else is refused.
+
+def _state_path(folder: Path) -> Path:
+    return folder / STATE_DIR
+
+
+def save_in_place_state(ckpt: Checkpoint, target: tuple[int, int]) -> None:
+    """Record the original headers, config and index, flushed, before anything is replaced."""
+    state = _state_path(ckpt.folder)
+    _make_dirs(state, Path("original/headers"))
+    for h in ckpt.headers:
+        write_atomic(state / "original/headers" / h.name, lambda fd, h=h: _pwrite_all(fd, h.prefix, 0))
+    write_text(state / "original" / CONFIG_NAME, ckpt.config_text)
+    if ckpt.index_text is not None:
+        write_text(state / "original" / INDEX_NAME, ckpt.index_text)
+    run = {"tool": PROG, "version": __version__, "mode": "in-place",
+           "source_block": list(ckpt.source_block), "target_block": list(target),
+           "shards": {h.name: h.size for h in ckpt.headers}}
+    write_text(state / "run.json", json.dumps(run, indent=2) + "\n")     # last: marks the state complete
+
+
+def load_in_place_state(folder: Path) -> tuple[Checkpoint, tuple[int, int]] | None:
+    """The original checkpoint as recorded before an in-place conversion, and its target block;
+    None if there is no complete record."""
+    state = _state_path(folder)
+    try:
+        run = json.loads((state / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run, dict) or run.get("mode") != "in-place":
+        raise _fail(state, "is not an in-place conversion record of this tool; remove it or move it away")
+    config_text = (state / "original" / CONFIG_NAME).read_text(encoding="utf-8")
+    config = json.loads(config_text)
+    source = read_source_block(config, state / "original" / CONFIG_NAME)
+    headers = [parse_shard_header(folder / name, name, size, (state / "original/headers" / name).read_bytes())
+               for name, size in sorted(run["shards"].items())]
+    index_path = state / "original" / INDEX_NAME
+    index_text = index_path.read_text(encoding="utf-8") if index_path.exists() else None
+    pairs, fp8 = pair_scales(headers, source)
+    ckpt = Checkpoint(folder, config_text, config, source, headers, index_text,
+                      json.loads(index_text) if index_text else None, pairs, fp8, [])
+    return ckpt, tuple(run["target_block"])
+
+
+def _shard_matches(path: Path, size: int, prefix: bytes) -> bool:
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
+def in_place_extra_bytes(shards: list[ShardPlan], reflink: bool = False) -> int:
+    """Peak extra disk of an in-place run: the largest new shard (less what copy-on-write shares)."""
+    return max((s.out_size - (s.shareable_bytes() if reflink else 0) for s in shards), default=0)
+
+
+def convert_in_place(ckpt: Checkpoint, target: tuple[int, int], *, recorded: bool, reflink: bool = True,
+                     quiet: bool = False) -> Summary:
+    """Convert `ckpt.folder` itself to `target` blocks, one shard at a time. `recorded`: the
+    checkpoint comes from the state of an earlier, interrupted or finished, in-place run."""
+    started = time.monotonic()
+    plan = make_plan(ckpt, ckpt.folder, target)
+    with _locked_state(ckpt.folder):
+        if not recorded:
+            save_in_place_state(ckpt, target)
+        summary = _convert_shards_in_place(ckpt, plan, reflink, quiet)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def restore_in_place(folder: Path, *, reflink: bool = True, quiet: bool = False) -> Summary:
+    """Give back the original files of a folder converted in place, byte for byte, and remove the
+    state folder."""
+    started = time.monotonic()
+    recorded = load_in_place_state(folder) if folder.is_dir() else None
+    if recorded is None:
+        raise _fail(folder, "has no record of an in-place conversion; to go back to the original blocks from "
+                            "a separate output, convert it with --block-size 128 (the original block)")
+    ckpt, target = recorded
+    with _locked_state(folder):
+        summary = _restore_shards(ckpt, make_plan(ckpt, folder, target), reflink, quiet)
+        shutil.rmtree(_state_path(folder) / "original")
+        os.unlink(_state_path(folder) / "run.json")
+    shutil.rmtree(_state_path(folder))
+    _fsync_dir(folder)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+class _locked_state:
+    """Hold the lock of the state folder inside `folder` (created if needed)."""
+
+    def __init__(self, folder: Path):
+        _state_path(folder).mkdir(exist_ok=True)
+        self.lock = OutputLock(folder)
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def _convert_shards_in_place(ckpt: Checkpoint, plan: Plan, reflink: bool, quiet: bool) -> Summary:
+    todo = []
+    for shard, original in zip(plan.shards, ckpt.headers):
+        path = ckpt.folder / shard.name
+        if _shard_matches(path, shard.out_size, shard.header):
+            continue
+        if not _shard_matches(path, original.size, original.prefix):
+            raise _fail(shard.name, "is neither the original shard nor its converted version; restore it from "
+                                    "the download before converting in place")
+        todo.append(shard)
+    use_reflink = reflink and bool(todo) and probe_reflink(todo[0].source, _state_path(ckpt.folder))
+    check_free_space(ckpt.folder, in_place_extra_bytes(todo, use_reflink))
+    copier = write_files(ckpt.folder, todo, reflink=use_reflink, quiet=quiet)
+    if plan.index_text is not None:
+        write_text(ckpt.folder / INDEX_NAME, plan.index_text)
+    write_text(ckpt.folder / CONFIG_NAME, plan.config_text)
+    return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
+                   scales=sum(len(s.scales) for s in todo), bytes_written=sum(s.out_size for s in todo),
+                   bytes_shared=copier.shared, method="in-place")
+
+
+def _restore_shards(ckpt: Checkpoint, forward: Plan, reflink: bool, quiet: bool) -> Summary:
+    todo = []
+    for shard, original in zip(forward.shards, ckpt.headers):
+        path = ckpt.folder / shard.name
+        if _shard_matches(path, original.size, original.prefix):
+            continue
+        if not _shard_matches(path, shard.out_size, shard.header):
+            raise _fail(shard.name, "is neither the converted shard nor the original; it was changed after the "
+                                    "in-place conversion, cannot restore it exactly")
+        todo.append(invert_shard(shard, original))
+    check_scales_shrink(todo)
+    use_reflink = reflink and bool(todo) and probe_reflink(todo[0].source, _state_path(ckpt.folder))
+    check_free_space(ckpt.folder, in_place_extra_bytes(todo, use_reflink))
+    copier = write_files(ckpt.folder, todo, reflink=use_reflink, quiet=quiet)
+    state = _state_path(ckpt.folder) / "original"
+    if ckpt.index_text is not None:
+        write_text(ckpt.folder / INDEX_NAME, ckpt.index_text)
+    write_text(ckpt.folder / CONFIG_NAME, (state / CONFIG_NAME).read_text(encoding="utf-8"))
+    return Summary(shards_written=len(todo), shards_kept=len(forward.shards) - len(todo),
+                   scales=sum(len(s.scales) for s in todo), bytes_written=sum(s.out_size for s in todo),
+                   bytes_shared=copier.shared, method="restored")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1362,10 +1605,11 @@ def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: 
             if (t.dtype, t.shape) != (p.dtype, p.shape):
                 report.problems.append(f"{shard.name}: {p.name}: {t.dtype} {list(t.shape)}, expected {p.dtype} {list(p.shape)}")
             elif p.resize:
-                expected = new_scale_bytes(src.fileno(), p, plan.factor)
+                expected = new_scale_bytes(src.fileno(), p, shard.name)
                 if os.pread(dst.fileno(), len(expected), t.begin) != expected:
-                    report.problems.append(f"{shard.name}: {p.name}: scale values are not the "
-                                           f"{block_name(plan.factor)} replication of the input scale")
+                    report.problems.append(f"{shard.name}: {p.name}: scale values are not the input scale "
+                                           f"resized from {block_name(plan.source_block)} to "
+                                           f"{block_name(plan.target_block)} blocks")
                 else:
                     report.scales_replicated += 1
                 on_bytes(p.src_end - p.src_begin)
@@ -1411,10 +1655,12 @@ EXAMPLES = """\
 examples:
   resize-block-size /models/DeepSeek-V3
       writes /models/DeepSeek-V3-Block64x64 (64x64 blocks, servable at TP32)
-  resize-block-size /models/DeepSeek-V3 --block-size 32 -o /data/DeepSeek-V3-b32
-      32x32 blocks (TP64), into a folder of your choice
-  resize-block-size /models/DeepSeek-V3 --dry-run
-      print the plan and exit; nothing is written
+  resize-block-size /models/DeepSeek-V3 --tp 32 --dry-run
+      which block TP32 needs, the plan and the disk it takes; nothing is written
+  resize-block-size /models/DeepSeek-V3 --block-size 32 -o /data/DeepSeek-V3-b32 --verify
+      32x32 blocks (TP64) into a folder of your choice, then compare every byte with the input
+  resize-block-size /models/DeepSeek-V3 --in-place
+      no room for a second copy: convert the folder itself (--restore undoes it exactly)
 
 Re-run the same command after an interruption: finished shards are kept, the rest is written.
 """
@@ -1452,6 +1698,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     p.add_argument("--verify", action="store_true",
                    help="convert if needed, then compare every output tensor and file with the input")
+    p.add_argument("--in-place", action="store_true",
+                   help="convert INPUT itself, one shard at a time (extra disk: one shard); "
+                        "--restore gives back the original files byte for byte")
+    p.add_argument("--restore", action="store_true",
+                   help="undo an --in-place conversion: every file byte-identical to the original")
     p.add_argument("--force", action="store_true",
                    help="rewrite every shard, also those an earlier run of the same conversion finished")
     p.add_argument("--no-reflink", action="store_true",
@@ -1483,6 +1734,7 @@ def describe_plan(plan: Plan, advice: TPAdvice) -> dict:
         "free_bytes": shutil.disk_usage(free_at).free if free_at else None,
         "other_files": len(plan.other_files),
         "scale_examples": list(examples.values()),
+        "in_place_extra_bytes": in_place_extra_bytes(plan.shards),
         "tp": advice.table(ep=False), "tp_ep": advice.table(ep=True),
         "tp_unknown_weights": advice.unknown,
     }
@@ -1498,6 +1750,8 @@ def print_plan(info: dict) -> None:
               f"scale {ex['scale_before']} -> {ex['scale_after']} {ex['dtype']}")
     print(f"  bytes to write  {human_bytes(info['bytes_out'])} "
           f"(copy-on-write filesystems share {human_bytes(info['bytes_shareable'])} of it with the input)")
+    if info.get("in_place"):
+        print(f"  in place: peak extra disk {human_bytes(info['in_place_extra_bytes'])} (the largest new shard)")
     if info["free_bytes"] is not None:
         print(f"  free space      {human_bytes(info['free_bytes'])}")
     print("  largest block each tensor-parallel degree can load (EP: experts not split):")
@@ -1526,35 +1780,78 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def run(args: argparse.Namespace) -> int:
-    """The command: validate and plan, then dry-run, convert and/or verify."""
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse combinations of options that make no sense, before reading anything."""
     if args.tp is not None and args.block_size is not None:
         raise ConversionError("give --tp or --block-size, not both")
-    if args.tp is not None and args.tp < 1 or args.workers < 1:
+    if (args.tp is not None and args.tp < 1) or args.workers < 1:
         raise ConversionError("--tp and --workers take a positive number")
     if args.ep and args.tp is None:
         raise ConversionError("--ep goes with --tp N")
+    if args.restore and (args.in_place or args.output or args.block_size or args.tp or args.verify or args.dry_run):
+        raise ConversionError("--restore takes only INPUT: it gives back the files an --in-place run replaced")
+    if args.in_place and args.output:
+        raise ConversionError("--in-place converts INPUT itself; it takes no -o")
+    if args.in_place and args.verify:
+        raise ConversionError("--verify compares the output with the input, which --in-place replaces; "
+                              "convert to a separate folder to verify, or use --restore to undo")
+
+
+def pick_target(args: argparse.Namespace, ckpt: Checkpoint, advice: TPAdvice) -> tuple[int, int] | None:
+    """The target block from --tp or --block-size; None when --tp finds nothing to do."""
+    if args.tp is None:
+        return parse_block_size(args.block_size or "64")
+    target = choose_block_for_tp(advice, args.tp, args.ep)
+    mode = f"TP{args.tp}" + (" with --ep" if args.ep else "")
+    if target is None:
+        print(f"the checkpoint's {block_name(ckpt.source_block)} blocks already load at {mode}; nothing to convert")
+    elif not (args.quiet or args.json):
+        print(f"{mode} needs {block_name(target)} blocks: {advice.failure(args.tp, args.ep, ckpt.source_block)}")
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: validate and plan, then dry-run, convert (to a new folder or in place),
+    verify, or restore."""
+    check_flags(args)
     input_dir = Path(args.input)
-    ckpt = read_checkpoint(input_dir)
+    if args.restore:
+        summary = restore_in_place(input_dir, reflink=not args.no_reflink, quiet=args.quiet)
+        if not args.quiet:
+            print(f"restored {summary.shards_written} shards of {input_dir} ({summary.shards_kept} were already "
+                  f"original): every file is byte-identical to the original, {summary.seconds:.1f} s")
+        return 0
+    recorded = load_in_place_state(input_dir) if args.in_place and input_dir.is_dir() else None
+    ckpt = recorded[0] if recorded else read_checkpoint(input_dir)
+    if args.in_place:
+        ckpt = dataclasses.replace(ckpt, others=[])   # other files stay where they are
     advice = advise_tp(ckpt)
-    if args.tp is not None:
-        target = choose_block_for_tp(advice, args.tp, args.ep)
-        mode = f"TP{args.tp}" + (" with --ep" if args.ep else "")
-        if target is None:
-            print(f"the checkpoint's {block_name(ckpt.source_block)} blocks already load at {mode}; "
-                  "nothing to convert")
-            return 0
-        if not (args.quiet or args.json):
-            print(f"{mode} needs {block_name(target)} blocks: "
-                  f"{advice.failure(args.tp, args.ep, ckpt.source_block)}")
+    if recorded and args.block_size is None and args.tp is None:
+        target = recorded[1]                      # re-running a plain --in-place resumes its run
     else:
-        target = parse_block_size(args.block_size or "64")
-    output_dir = Path(args.output) if args.output else default_output(input_dir, target)
+        target = pick_target(args, ckpt, advice)
+        if target is None:
+            return 0
+    if recorded and target != recorded[1]:
+        raise _fail(input_dir, f"was converted in place to {block_name(recorded[1])}; run --restore first "
+                               f"to convert it to {block_name(target)}")
+    if args.in_place:
+        output_dir = input_dir
+    else:
+        output_dir = Path(args.output) if args.output else default_output(input_dir, target)
     plan = make_plan(ckpt, output_dir, target)
-    check_output_location(input_dir, output_dir)
+    if not args.in_place:
+        check_output_location(input_dir, output_dir)
     if args.dry_run:
         info = describe_plan(plan, advice)
+        info["in_place"] = bool(args.in_place)
         print(json.dumps(info, indent=2)) if args.json else print_plan(info)
+        return 0
+    if args.in_place:
+        summary = convert_in_place(ckpt, target, recorded=bool(recorded), reflink=not args.no_reflink,
+                                   quiet=args.quiet)
+        if not args.quiet:
+            print_summary(plan, summary)
         return 0
     finished = (output_dir / CONFIG_NAME).exists() and not os.path.lexists(output_dir / STATE_DIR)
     if not (args.verify and finished):      # --verify checks a finished output as it is
@@ -1563,17 +1860,21 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print_summary(plan, summary)
     if args.verify:
-        report = verify_output(plan, quiet=args.quiet)
-        for problem in report.problems[:20]:
-            print(f"{PROG}: verify: {problem}", file=sys.stderr)
-        if report.problems:
-            more = len(report.problems) - 20
-            print(f"{PROG}: error: {output_dir} does NOT match {input_dir}: {len(report.problems)} problem(s)"
-                  + (f", {more} not shown" if more > 0 else ""), file=sys.stderr)
-            return 1
-        print(f"verified {output_dir}: {report.tensors_equal} tensors byte-identical, "
-              f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
-              f"({human_bytes(report.bytes_compared)} compared)")
+        return report_verification(plan, input_dir, verify_output(plan, quiet=args.quiet))
+    return 0
+
+
+def report_verification(plan: Plan, input_dir: Path, report: VerifyReport) -> int:
+    for problem in report.problems[:20]:
+        print(f"{PROG}: verify: {problem}", file=sys.stderr)
+    if report.problems:
+        more = len(report.problems) - 20
+        print(f"{PROG}: error: {plan.output_dir} does NOT match {input_dir}: {len(report.problems)} problem(s)"
+              + (f", {more} not shown" if more > 0 else ""), file=sys.stderr)
+        return 1
+    print(f"verified {plan.output_dir}: {report.tensors_equal} tensors byte-identical, "
+          f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
+          f"({human_bytes(report.bytes_compared)} compared)")
     return 0
 
 
@@ -1592,11 +1893,12 @@ def _describe_os_error(e: OSError) -> str:
 
 
 def print_summary(plan: Plan, s: Summary) -> None:
-    if s.method == "already complete":
+    if s.method == "already complete" or (s.shards_written == 0 and s.shards_kept == len(plan.shards)):
         print(f"{plan.output_dir}: already converted to {block_name(plan.target_block)}; nothing to do")
         return
     kept = f", {s.shards_kept} kept from an earlier run" if s.shards_kept else ""
-    print(f"converted {s.shards_written} shards{kept}: {s.scales} scales resized "
+    where = " in place" if s.method == "in-place" else ""
+    print(f"converted {s.shards_written} shards{where}{kept}: {s.scales} scales resized "
           f"{block_name(plan.source_block)} -> {block_name(plan.target_block)}, "
           f"{human_bytes(s.bytes_written)} written ({human_bytes(s.bytes_shared)} shared with the input), "
           f"{s.seconds:.1f} s -> {plan.output_dir}")
