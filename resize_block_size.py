@@ -1106,12 +1106,17 @@ def self_check(shard: ShardPlan, out_fd: int, src_fd: int) -> None:
 
 def shard_is_complete(path: Path, shard: ShardPlan) -> bool:
     """A shard left by an earlier run counts only if its size and header are exactly the plan's."""
+    return file_starts_with(path, shard.out_size, shard.header)
+
+
+def file_starts_with(path: Path, size: int, prefix: bytes) -> bool:
+    """True if `path` is a regular file (not a symlink) of `size` bytes beginning with `prefix`."""
     try:
         st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != shard.out_size:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             return False
         with open(path, "rb") as f:
-            return f.read(len(shard.header)) == shard.header
+            return f.read(len(prefix)) == prefix
     except OSError:
         return False
 
@@ -1420,17 +1425,6 @@ def load_in_place_state(folder: Path) -> tuple[Checkpoint, tuple[int, int]] | No
     return ckpt, tuple(run["target_block"])
 
 
-def _shard_matches(path: Path, size: int, prefix: bytes) -> bool:
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(prefix)) == prefix
-    except OSError:
-        return False
-
-
 def in_place_extra_bytes(shards: list[ShardPlan], reflink: bool = False) -> int:
     """Peak extra disk of an in-place run: the largest new shard (less what copy-on-write shares)."""
     return max((s.out_size - (s.shareable_bytes() if reflink else 0) for s in shards), default=0)
@@ -1487,44 +1481,45 @@ def _convert_shards_in_place(ckpt: Checkpoint, plan: Plan, reflink: bool, quiet:
     todo = []
     for shard, original in zip(plan.shards, ckpt.headers):
         path = ckpt.folder / shard.name
-        if _shard_matches(path, shard.out_size, shard.header):
+        if shard_is_complete(path, shard):
             continue
-        if not _shard_matches(path, original.size, original.prefix):
+        if not file_starts_with(path, original.size, original.prefix):
             raise _fail(shard.name, "is neither the original shard nor its converted version; restore it from "
                                     "the download before converting in place")
         todo.append(shard)
-    use_reflink = reflink and bool(todo) and probe_reflink(todo[0].source, _state_path(ckpt.folder))
-    check_free_space(ckpt.folder, in_place_extra_bytes(todo, use_reflink))
-    copier = write_files(ckpt.folder, todo, reflink=use_reflink, quiet=quiet)
-    if plan.index_text is not None:
-        write_text(ckpt.folder / INDEX_NAME, plan.index_text)
-    write_text(ckpt.folder / CONFIG_NAME, plan.config_text)
-    return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
-                   scales=sum(len(s.scales) for s in todo), bytes_written=sum(s.out_size for s in todo),
-                   bytes_shared=copier.shared, method="in-place")
+    return _replace_shards(ckpt.folder, todo, len(plan.shards), plan.index_text, plan.config_text,
+                           reflink, quiet, "in-place")
 
 
 def _restore_shards(ckpt: Checkpoint, forward: Plan, reflink: bool, quiet: bool) -> Summary:
     todo = []
     for shard, original in zip(forward.shards, ckpt.headers):
         path = ckpt.folder / shard.name
-        if _shard_matches(path, original.size, original.prefix):
+        if file_starts_with(path, original.size, original.prefix):
             continue
-        if not _shard_matches(path, shard.out_size, shard.header):
+        if not shard_is_complete(path, shard):
             raise _fail(shard.name, "is neither the converted shard nor the original; it was changed after the "
                                     "in-place conversion, cannot restore it exactly")
         todo.append(invert_shard(shard, original))
     check_scales_shrink(todo)
-    use_reflink = reflink and bool(todo) and probe_reflink(todo[0].source, _state_path(ckpt.folder))
-    check_free_space(ckpt.folder, in_place_extra_bytes(todo, use_reflink))
-    copier = write_files(ckpt.folder, todo, reflink=use_reflink, quiet=quiet)
-    state = _state_path(ckpt.folder) / "original"
-    if ckpt.index_text is not None:
-        write_text(ckpt.folder / INDEX_NAME, ckpt.index_text)
-    write_text(ckpt.folder / CONFIG_NAME, (state / CONFIG_NAME).read_text(encoding="utf-8"))
-    return Summary(shards_written=len(todo), shards_kept=len(forward.shards) - len(todo),
-                   scales=sum(len(s.scales) for s in todo), bytes_written=sum(s.out_size for s in todo),
-                   bytes_shared=copier.shared, method="restored")
+    return _replace_shards(ckpt.folder, todo, len(forward.shards), ckpt.index_text, ckpt.config_text,
+                           reflink, quiet, "restored")
+
+
+def _replace_shards(folder: Path, todo: list[ShardPlan], total: int, index_text: str | None,
+                    config_text: str, reflink: bool, quiet: bool, method: str) -> Summary:
+    """Replace shards one at a time (each written beside the old one, then renamed over it), then
+    the index, then config.json."""
+    use_reflink = reflink and bool(todo) and probe_reflink(todo[0].source, _state_path(folder))
+    check_free_space(folder, in_place_extra_bytes(todo, use_reflink))
+    copier = write_files(folder, todo, reflink=use_reflink, quiet=quiet)
+    if index_text is not None:
+        write_text(folder / INDEX_NAME, index_text)
+    write_text(folder / CONFIG_NAME, config_text)
+    return Summary(shards_written=len(todo), shards_kept=total - len(todo),
+                   scales=sum(len(s.scales) for s in todo),
+                   bytes_written=copier.shared + copier.copied + copier.written,
+                   bytes_shared=copier.shared, method=method)
 
 
 # ---------------------------------------------------------------------------------------------
