@@ -631,7 +631,7 @@ def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
         rel_root = Path(root).relative_to(input_dir)
         # Our own state (only present mid --in-place) and git's object store (a second full copy of
         # the weights under git-lfs) are not part of the model.
-        dirs[:] = sorted(d for d in dirs if not (rel_root == Path(".") and d in (STATE_DIR, ".git")))
+        dirs[:] = sorted(d for d in dirs if not (rel_root == Path(".") and (d.startswith(STATE_DIR) or d == ".git")))
         for f in sorted(files):
             rel = (rel_root / f).as_posix()
             if rel in skip:
@@ -1449,15 +1449,18 @@ def restore_in_place(folder: Path, *, reflink: bool = True, quiet: bool = False)
     state folder."""
     started = time.monotonic()
     recorded = load_in_place_state(folder) if folder.is_dir() else None
+    trash = folder / (STATE_DIR + ".removing")
+    if recorded is None and trash.exists():       # killed while removing the record: done already
+        shutil.rmtree(trash)
+        return Summary(method="restored")
     if recorded is None:
         raise _fail(folder, "has no record of an in-place conversion; to go back to the original blocks from "
                             "a separate output, convert it with --block-size 128 (the original block)")
     ckpt, target = recorded
     with _locked_state(folder):
         summary = _restore_shards(ckpt, make_plan(ckpt, folder, target), reflink, quiet)
-        shutil.rmtree(_state_path(folder) / "original")
-        os.unlink(_state_path(folder) / "run.json")
-    shutil.rmtree(_state_path(folder))
+        os.replace(_state_path(folder), trash)    # atomic: the record is gone as a whole or not at all
+    shutil.rmtree(trash)
     _fsync_dir(folder)
     summary.seconds = time.monotonic() - started
     return summary
