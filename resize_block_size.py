@@ -1851,8 +1851,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print_summary(plan, summary)
         return 0
-    finished = (output_dir / CONFIG_NAME).exists() and not os.path.lexists(output_dir / STATE_DIR)
-    if not (args.verify and finished):      # --verify checks a finished output as it is
+    # --verify checks an output that no run is working on as it is, and never "repairs" it.
+    finished = (output_dir.is_dir() and any(output_dir.iterdir())
+                and not os.path.lexists(output_dir / STATE_DIR))
+    if not (args.verify and finished):
         summary = convert(plan, force=args.force, reflink=not args.no_reflink, workers=args.workers,
                           quiet=args.quiet)
         if not args.quiet:
