@@ -294,6 +294,9 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     tensors.sort(key=lambda t: (t.begin, t.end))
     cursor = data_start
     for t in tensors:
+        if t.end > size:
+            raise _fail(where, f"{t.name}: data runs past the end of the file (to byte {t.end} of {size}); "
+                               "the file is truncated or corrupt, re-download it")
         if t.begin < cursor:
             raise _fail(where, f"{t.name}: data overlaps the previous tensor; the file is corrupt")
         if t.begin > cursor:
@@ -710,7 +713,8 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
         index_text = edit_json_text(index_text, "total_size", new_index["metadata"]["total_size"], new_index)
 
     digest = hashlib.sha256()
-    digest.update(json.dumps([list(source), list(target), ckpt.config_text, index_text]).encode())
+    digest.update(json.dumps([os.path.realpath(ckpt.folder), list(source), list(target),
+                              ckpt.config_text, index_text]).encode())
     for s in shards:
         digest.update(f"{s.name}:{s.source_size}:".encode() + s.header)
     for f in ckpt.others:
@@ -980,14 +984,16 @@ def _partial_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
-def _open_new(path: Path) -> int:
+def _open_new(path: Path, mode: int = 0o644) -> int:
     """Create `path` for writing; never follows a symlink planted in the output folder."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     # Read-write: the self-check reads back what was written.
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, mode)                       # exactly `mode`, whatever the umask, like cp
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:
@@ -1010,18 +1016,20 @@ def _make_dirs(root: Path, rel_dir: Path) -> None:
                 raise _fail(path, "exists in the output folder and is not a folder (or is a symlink); remove it")
 
 
-def write_atomic(final: Path, fill: Callable[[int], None]) -> None:
+def write_atomic(final: Path, fill: Callable[[int], None], mode: int = 0o644) -> None:
     """Write a file under a temporary name, flush it, then rename it into place.
 
     A reader never sees a half-written file under the final name; a failure removes the partial.
     """
     tmp = _partial_path(final)
-    fd = _open_new(tmp)
+    fd = -1
     try:
+        fd = _open_new(tmp, mode)             # inside the try: Ctrl-C may land right after the open
         fill(fd)
         os.fsync(fd)
     except BaseException as e:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         _unlink_quietly(tmp)
         if isinstance(e, OSError) and not e.filename:
             e.filename = str(final)
@@ -1029,6 +1037,10 @@ def write_atomic(final: Path, fill: Callable[[int], None]) -> None:
     os.close(fd)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def _permissions(fd: int) -> int:
+    return stat.S_IMODE(os.fstat(fd).st_mode)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -1087,7 +1099,7 @@ def write_shard(shard: ShardPlan, output_dir: Path, copier: ByteCopier) -> None:
                     _pwrite_all(fd, data, step.out_begin)
                     copier.wrote(len(data))
             self_check(shard, fd, src_fd)
-        write_atomic(output_dir / shard.name, fill)
+        write_atomic(output_dir / shard.name, fill, _permissions(src_fd))
     finally:
         os.close(src_fd)
 
@@ -1126,7 +1138,8 @@ def copy_other_file(item: OtherFile, output_dir: Path, copier: ByteCopier) -> No
     _make_dirs(output_dir, Path(item.relpath).parent)
     src_fd = os.open(item.source, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        write_atomic(final, lambda fd: copier.copy(src_fd, fd, CopyRun(0, 0, item.size)) if item.size else None)
+        write_atomic(final, lambda fd: copier.copy(src_fd, fd, CopyRun(0, 0, item.size)) if item.size else None,
+                     _permissions(src_fd))
     finally:
         os.close(src_fd)
 
@@ -1191,7 +1204,24 @@ def inspect_output(plan: Plan) -> OutputState:
 
 
 def _complete_shards(plan: Plan) -> set[str]:
-    return {s.name for s in plan.shards if shard_is_complete(plan.output_dir / s.name, s)}
+    return {s.name for s in plan.shards if shard_is_complete(plan.output_dir / s.name, s)
+            and shard_came_from_source(plan.output_dir / s.name, s)}
+
+
+def shard_came_from_source(path: Path, shard: ShardPlan, sample: int = 65536) -> bool:
+    """Cheap content check of a finished shard against its source: every scale, and the first and
+    last bytes of every copied run. Another model with identical headers (DeepSeek-V3 and R1)
+    fails it, so its shards are never taken for this conversion's."""
+    with open(shard.source, "rb") as src, open(path, "rb") as out:
+        for p in shard.scales:
+            if os.pread(out.fileno(), p.out_end - p.out_begin, p.out_begin) != new_scale_bytes(src.fileno(), p):
+                return False
+        for r in shard.copy_runs():
+            n = min(sample, r.length)
+            for offset in (0, r.length - n):
+                if os.pread(src.fileno(), n, r.src + offset) != os.pread(out.fileno(), n, r.dst + offset):
+                    return False
+    return True
 
 
 class OutputLock:
@@ -1436,6 +1466,7 @@ def convert_in_place(ckpt: Checkpoint, target: tuple[int, int], *, recorded: boo
     checkpoint comes from the state of an earlier, interrupted or finished, in-place run."""
     started = time.monotonic()
     plan = make_plan(ckpt, ckpt.folder, target)
+    check_scales_shrink(plan.shards)              # going back (e.g. 64 -> 128): refuse before recording
     with _locked_state(ckpt.folder):
         if not recorded:
             save_in_place_state(ckpt, target)
@@ -1450,15 +1481,20 @@ def restore_in_place(folder: Path, *, reflink: bool = True, quiet: bool = False)
     started = time.monotonic()
     recorded = load_in_place_state(folder) if folder.is_dir() else None
     trash = folder / (STATE_DIR + ".removing")
-    if recorded is None and trash.exists():       # killed while removing the record: done already
-        shutil.rmtree(trash)
-        return Summary(method="restored")
     if recorded is None:
-        raise _fail(folder, "has no record of an in-place conversion; to go back to the original blocks from "
-                            "a separate output, convert it with --block-size 128 (the original block)")
+        # Killed while recording (nothing was replaced before run.json) or while removing the
+        # record (everything was restored): either way the shards are the original ones.
+        leftovers = [p for p in (_state_path(folder), trash) if p.is_dir()]
+        if not leftovers:
+            raise _fail(folder, "has no record of an in-place conversion; to go back to the original blocks "
+                                "from a separate output, convert it with --block-size 128 (the original block)")
+        for p in leftovers:
+            shutil.rmtree(p)
+        return Summary(method="restored")
     ckpt, target = recorded
     with _locked_state(folder):
         summary = _restore_shards(ckpt, make_plan(ckpt, folder, target), reflink, quiet)
+        shutil.rmtree(trash, ignore_errors=True)
         os.replace(_state_path(folder), trash)    # atomic: the record is gone as a whole or not at all
     shutil.rmtree(trash)
     _fsync_dir(folder)
