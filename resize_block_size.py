@@ -1789,7 +1789,7 @@ def print_plan(info: dict) -> None:
     if info["free_bytes"] is not None:
         print(f"  free space      {human_bytes(info['free_bytes'])}")
     print("  largest block each tensor-parallel degree can load (EP: experts not split):")
-    print("    TP   " + "".join(f"{tp:>6}" for tp in info["tp"]))
+    print("    ranks" + "".join(f"{tp:>6}" for tp in info["tp"]))
     for key, label in (("tp", "TP   "), ("tp_ep", "TP+EP")):
         print(f"    {label}" + "".join(f"{edge or '-':>6}" for edge in info[key].values()))
     if info["tp_unknown_weights"]:
