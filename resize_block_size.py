@@ -958,6 +958,17 @@ class ByteCopier:
         self.on_bytes(n)
 
 
+COPY_METHODS = ("auto", "reflink", "copy_file_range", "buffered")
+
+
+def choose_copy_method(requested: str, source: Path | None, probe_dir: Path) -> str:
+    """"auto" is "reflink" where a probe clone from `source` into `probe_dir` works, else
+    "copy_file_range" (which itself falls back to "buffered" if the kernel refuses)."""
+    if requested != "auto":
+        return requested
+    return "reflink" if source is not None and probe_reflink(source, probe_dir) else "copy_file_range"
+
+
 def probe_reflink(src: Path, dst_dir: Path) -> bool:
     """True if a block of `src` can be cloned into a new file in `dst_dir` (same XFS/btrfs)."""
     if src.stat().st_size < ALIGN:
@@ -1289,7 +1300,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: int = 1,
+def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int = 1,
             quiet: bool = False) -> Summary:
     """Write `plan.output_dir`: shards, then other files, the index, and config.json last."""
     started = time.monotonic()
@@ -1305,12 +1316,12 @@ def convert(plan: Plan, *, force: bool = False, reflink: bool = True, workers: i
         state = inspect_output(plan)              # again, now that no other run can change it
         if force:
             state = OutputState(state.kind)
-        use_reflink = (reflink and bool(plan.shards)
-                       and probe_reflink(plan.shards[0].source, plan.output_dir / STATE_DIR))
-        check_free_space(plan.output_dir, bytes_to_write(plan, state, use_reflink))
+        method = choose_copy_method(copy, plan.shards[0].source if plan.shards else None,
+                                    plan.output_dir / STATE_DIR)
+        check_free_space(plan.output_dir, bytes_to_write(plan, state, method == "reflink"))
         check_scales_shrink([s for s in plan.shards if s.name not in state.done_shards])
         _write_run_file(plan)
-        summary = _write_all(plan, state, use_reflink, workers, quiet)
+        summary = _write_all(plan, state, method, workers, quiet)
         write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
         lock.release()
         shutil.rmtree(plan.output_dir / STATE_DIR)
@@ -1337,9 +1348,9 @@ def _write_run_file(plan: Plan) -> None:
     write_text(plan.output_dir / STATE_DIR / "run.json", json.dumps(run, indent=2) + "\n")
 
 
-def _write_all(plan: Plan, state: OutputState, reflink: bool, workers: int, quiet: bool) -> Summary:
+def _write_all(plan: Plan, state: OutputState, method: str, workers: int, quiet: bool) -> Summary:
     todo = [s for s in plan.shards if s.name not in state.done_shards]
-    copier = write_files(plan.output_dir, todo, plan.other_files, reflink=reflink, workers=workers, quiet=quiet)
+    copier = write_files(plan.output_dir, todo, plan.other_files, method=method, workers=workers, quiet=quiet)
     if plan.index_text is not None:
         write_text(plan.output_dir / INDEX_NAME, plan.index_text)
     return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
@@ -1348,7 +1359,7 @@ def _write_all(plan: Plan, state: OutputState, reflink: bool, workers: int, quie
                    bytes_shared=copier.shared, method=copier.method)
 
 
-def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, reflink: bool,
+def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, method: str,
                 workers: int = 1, quiet: bool = False) -> ByteCopier:
     """Write shards and copy other files into `out`, with one progress bar over all their bytes."""
     for stale in out.glob(".*.partial"):      # left by a killed run; ours by name
@@ -1363,7 +1374,7 @@ def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = ()
             bar.update(n)
 
     stop = threading.Event()
-    copier = ByteCopier("reflink" if reflink else "copy_file_range", advance, stop)
+    copier = ByteCopier(method, advance, stop)
     jobs: list[Callable[[], None]] = [(lambda s=s: write_shard(s, out, copier)) for s in shards]
     jobs += [(lambda f=f: copy_other_file(f, out, copier)) for f in others]
     try:
@@ -1460,7 +1471,7 @@ def in_place_extra_bytes(shards: list[ShardPlan], reflink: bool = False) -> int:
     return max((s.out_size - (s.shareable_bytes() if reflink else 0) for s in shards), default=0)
 
 
-def convert_in_place(ckpt: Checkpoint, target: tuple[int, int], *, recorded: bool, reflink: bool = True,
+def convert_in_place(ckpt: Checkpoint, target: tuple[int, int], *, recorded: bool, copy: str = "auto",
                      quiet: bool = False) -> Summary:
     """Convert `ckpt.folder` itself to `target` blocks, one shard at a time. `recorded`: the
     checkpoint comes from the state of an earlier, interrupted or finished, in-place run."""
@@ -1470,12 +1481,12 @@ def convert_in_place(ckpt: Checkpoint, target: tuple[int, int], *, recorded: boo
     with _locked_state(ckpt.folder):
         if not recorded:
             save_in_place_state(ckpt, target)
-        summary = _convert_shards_in_place(ckpt, plan, reflink, quiet)
+        summary = _convert_shards_in_place(ckpt, plan, copy, quiet)
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def restore_in_place(folder: Path, *, reflink: bool = True, quiet: bool = False) -> Summary:
+def restore_in_place(folder: Path, *, copy: str = "auto", quiet: bool = False) -> Summary:
     """Give back the original files of a folder converted in place, byte for byte, and remove the
     state folder."""
     started = time.monotonic()
@@ -1493,7 +1504,7 @@ def restore_in_place(folder: Path, *, reflink: bool = True, quiet: bool = False)
         return Summary(method="restored")
     ckpt, target = recorded
     with _locked_state(folder):
-        summary = _restore_shards(ckpt, make_plan(ckpt, folder, target), reflink, quiet)
+        summary = _restore_shards(ckpt, make_plan(ckpt, folder, target), copy, quiet)
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(_state_path(folder), trash)    # atomic: the record is gone as a whole or not at all
     shutil.rmtree(trash)
@@ -1516,7 +1527,7 @@ class _locked_state:
         self.lock.release()
 
 
-def _convert_shards_in_place(ckpt: Checkpoint, plan: Plan, reflink: bool, quiet: bool) -> Summary:
+def _convert_shards_in_place(ckpt: Checkpoint, plan: Plan, copy: str, quiet: bool) -> Summary:
     todo = []
     for shard, original in zip(plan.shards, ckpt.headers):
         path = ckpt.folder / shard.name
@@ -1527,10 +1538,10 @@ def _convert_shards_in_place(ckpt: Checkpoint, plan: Plan, reflink: bool, quiet:
                                     "the download before converting in place")
         todo.append(shard)
     return _replace_shards(ckpt.folder, todo, len(plan.shards), plan.index_text, plan.config_text,
-                           reflink, quiet, "in-place")
+                           copy, quiet, "in-place")
 
 
-def _restore_shards(ckpt: Checkpoint, forward: Plan, reflink: bool, quiet: bool) -> Summary:
+def _restore_shards(ckpt: Checkpoint, forward: Plan, copy: str, quiet: bool) -> Summary:
     todo = []
     for shard, original in zip(forward.shards, ckpt.headers):
         path = ckpt.folder / shard.name
@@ -1542,23 +1553,23 @@ def _restore_shards(ckpt: Checkpoint, forward: Plan, reflink: bool, quiet: bool)
         todo.append(invert_shard(shard, original))
     check_scales_shrink(todo)
     return _replace_shards(ckpt.folder, todo, len(forward.shards), ckpt.index_text, ckpt.config_text,
-                           reflink, quiet, "restored")
+                           copy, quiet, "restored")
 
 
 def _replace_shards(folder: Path, todo: list[ShardPlan], total: int, index_text: str | None,
-                    config_text: str, reflink: bool, quiet: bool, method: str) -> Summary:
+                    config_text: str, copy: str, quiet: bool, what: str) -> Summary:
     """Replace shards one at a time (each written beside the old one, then renamed over it), then
     the index, then config.json."""
-    use_reflink = reflink and bool(todo) and probe_reflink(todo[0].source, _state_path(folder))
-    check_free_space(folder, in_place_extra_bytes(todo, use_reflink))
-    copier = write_files(folder, todo, reflink=use_reflink, quiet=quiet)
+    method = choose_copy_method(copy, todo[0].source if todo else None, _state_path(folder))
+    check_free_space(folder, in_place_extra_bytes(todo, method == "reflink"))
+    copier = write_files(folder, todo, method=method, quiet=quiet)
     if index_text is not None:
         write_text(folder / INDEX_NAME, index_text)
     write_text(folder / CONFIG_NAME, config_text)
     return Summary(shards_written=len(todo), shards_kept=total - len(todo),
                    scales=sum(len(s.scales) for s in todo),
                    bytes_written=copier.shared + copier.copied + copier.written,
-                   bytes_shared=copier.shared, method=method)
+                   bytes_shared=copier.shared, method=what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1849,8 +1860,9 @@ def run(args: argparse.Namespace) -> int:
     verify, or restore."""
     check_flags(args)
     input_dir = Path(args.input)
+    copy_method = "copy_file_range" if args.no_reflink else "auto"
     if args.restore:
-        summary = restore_in_place(input_dir, reflink=not args.no_reflink, quiet=args.quiet)
+        summary = restore_in_place(input_dir, copy=copy_method, quiet=args.quiet)
         if not args.quiet:
             print(f"restored {summary.shards_written} shards of {input_dir} ({summary.shards_kept} were already "
                   f"original): every file is byte-identical to the original, {summary.seconds:.1f} s")
@@ -1882,7 +1894,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2)) if args.json else print_plan(info)
         return 0
     if args.in_place:
-        summary = convert_in_place(ckpt, target, recorded=bool(recorded), reflink=not args.no_reflink,
+        summary = convert_in_place(ckpt, target, recorded=bool(recorded), copy=copy_method,
                                    quiet=args.quiet)
         if not args.quiet:
             print_summary(plan, summary)
@@ -1891,7 +1903,7 @@ def run(args: argparse.Namespace) -> int:
     finished = (output_dir.is_dir() and any(output_dir.iterdir())
                 and not os.path.lexists(output_dir / STATE_DIR))
     if not (args.verify and finished):
-        summary = convert(plan, force=args.force, reflink=not args.no_reflink, workers=args.workers,
+        summary = convert(plan, force=args.force, copy=copy_method, workers=args.workers,
                           quiet=args.quiet)
         if not args.quiet:
             print_summary(plan, summary)

@@ -1,0 +1,164 @@
+"""The three ways unchanged bytes reach the output (copy-on-write clone, in-kernel copy_file_range,
+buffered read/write) write the same bytes, for the dtype-grouped layout safetensors writes and for
+a layout with scales interleaved between weights; on XFS the clone shares the unchanged bytes."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import resize_block_size as rbs
+from conftest import dequantized, snapshot, tc
+
+METHODS = ("reflink", "copy_file_range", "buffered")
+# Expert-sized tensors (a few MB) so that whole 4 KiB blocks can be shared.
+SHAPES = {"gate_proj": (1024, 1792), "down_proj": (1792, 1024)}
+
+
+def expert_tensors(layers: int = 2, experts: int = 2) -> dict[str, torch.Tensor]:
+    """Random FP8 experts with real block scales; 1792 is a multiple of 64 but not of 128."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(layers):
+        for e in range(experts):
+            for proj, shape in SHAPES.items():
+                name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                w = torch.randn(shape, generator=g).to(torch.bfloat16)
+                tensors[name], tensors[name + "_scale_inv"] = tc.quantize_block_fp8(w, (128, 128))
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = torch.ones(1792, dtype=torch.bfloat16)
+    return tensors
+
+
+def write_interleaved(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A shard whose data goes weight, its scale, next weight, ... (not safetensors' dtype order)."""
+    order = sorted(tensors, key=lambda n: (n.removesuffix("_scale_inv"), n.endswith("_scale_inv")))
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    dtypes = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
+    for name in order:
+        t = tensors[name].contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.float8_e4m3fn else \
+            t.view(torch.int16 if t.element_size() == 2 else torch.int32).numpy().tobytes()
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"".join(blobs))
+
+
+def make_checkpoint(folder: Path, *, interleaved: bool) -> Path:
+    """Two shards of experts, in the chosen layout, with config, index and a tokenizer file."""
+    folder.mkdir(parents=True)
+    tensors = expert_tensors()
+    weight_map = {}
+    for i, layer in enumerate((0, 1)):
+        shard = {n: t for n, t in tensors.items() if n.startswith(f"model.layers.{layer}.")}
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        if interleaved:
+            write_interleaved(folder / name, shard)
+        else:
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({n: name for n in shard})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps(tc.deepseek_v3_config(), indent=2))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def convert_with(method: str, source: Path, output: Path) -> rbs.Summary:
+    plan = rbs.make_plan(rbs.read_checkpoint(source), output, (64, 64))
+    return rbs.convert(plan, copy=method, quiet=True)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["dtype-grouped", "interleaved"])
+def test_every_copy_path_writes_the_same_bytes(tmp_path: Path, interleaved: bool) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=interleaved)
+    outputs = {}
+    for method in METHODS:       # on ext4 a requested clone falls back to copy_file_range
+        convert_with(method, source, tmp_path / method)
+        outputs[method] = snapshot(tmp_path / method)
+    assert outputs["reflink"] == outputs["copy_file_range"] == outputs["buffered"]
+    before, after = dequantized(source), dequantized(tmp_path / "buffered")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_buffered_loop_takes_over_when_the_kernel_refuses_copy_file_range(tmp_path: Path, monkeypatch) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=True)
+    convert_with("copy_file_range", source, tmp_path / "kernel")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    summary = convert_with("copy_file_range", source, tmp_path / "fallback")
+    assert summary.method == "buffered"
+    assert snapshot(tmp_path / "fallback") == snapshot(tmp_path / "kernel")
+
+
+def test_dtype_grouped_shards_are_laid_out_so_almost_every_unchanged_byte_can_be_shared(tmp_path: Path) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=False)
+    plan = rbs.make_plan(rbs.read_checkpoint(source), tmp_path / "out", (64, 64))
+    for shard in plan.shards:
+        unchanged = sum(p.src_end - p.src_begin for p in shard.pieces if not p.resize)
+        # At most one partial 4 KiB block at each end of the single run of weights is copied.
+        assert shard.shareable_bytes() >= unchanged - 2 * rbs.ALIGN, shard.name
+        assert len(shard.header) % 8 == 0            # data start stays 8-byte aligned
+
+
+@pytest.fixture
+def xfs(tmp_path: Path):
+    """A loop-mounted XFS (reflink is on by default), or a skip saying why there is none."""
+    if os.geteuid() != 0:
+        pytest.skip("XFS loop mount needs root")
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs not installed (apt-get install xfsprogs)")
+    image, mount = tmp_path / "xfs.img", tmp_path / "xfs"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(400 << 20)
+    made = subprocess.run(["mkfs.xfs", "-q", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"mkfs.xfs failed: {made.stderr.strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["dtype-grouped", "interleaved"])
+def test_reflink_on_xfs_shares_unchanged_bytes_and_writes_the_same_bytes(xfs: Path, interleaved: bool) -> None:
+    source = make_checkpoint(xfs / "in", interleaved=interleaved)
+    shared = convert_with("auto", source, xfs / "auto")
+    assert shared.method == "reflink"
+    copied = convert_with("copy_file_range", source, xfs / "copied")
+    buffered = convert_with("buffered", source, xfs / "buffered")
+    assert copied.bytes_shared == buffered.bytes_shared == 0
+    assert snapshot(xfs / "auto") == snapshot(xfs / "copied") == snapshot(xfs / "buffered")
+    plan = rbs.make_plan(rbs.read_checkpoint(source), xfs / "auto", (64, 64))
+    unchanged = sum(p.src_end - p.src_begin for s in plan.shards for p in s.pieces if not p.resize)
+    assert shared.bytes_shared == sum(s.shareable_bytes() for s in plan.shards)
+    if not interleaved:
+        assert shared.bytes_shared >= 0.99 * unchanged
+
+
+def test_reflinked_output_takes_almost_no_new_disk_on_xfs(xfs: Path) -> None:
+    source = make_checkpoint(xfs / "in", interleaved=False)
+    os.sync()
+    free_before = shutil.disk_usage(xfs).free
+    convert_with("auto", source, xfs / "out")
+    os.sync()
+    used = free_before - shutil.disk_usage(xfs).free
+    input_bytes = sum(f.stat().st_size for f in source.iterdir())
+    assert used < 0.05 * input_bytes, (used, input_bytes)
