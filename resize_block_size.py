@@ -165,7 +165,10 @@ def resize_scale_bytes(raw: bytes, dtype: str, old_shape: tuple[int, ...], new_s
         new = shrink_scale(old, (new_block[0] // old_block[0], new_block[1] // old_block[1]), new_shape)
         if new is None:
             return None
-    return bytes(new.untyped_storage())
+    # Copy into a bytearray seen as a tensor: bytes(tensor.untyped_storage()) would go element by element.
+    out = bytearray(new.numel() * new.element_size())
+    torch.frombuffer(out, dtype=new.dtype).copy_(new.reshape(-1))
+    return bytes(out)
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
