@@ -34,12 +34,12 @@ import struct
 import sys
 import threading
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
 __version__ = "0.1.0"
@@ -117,58 +117,72 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ..
     return (*lead, -(-n // block[0]), -(-k // block[1]))
 
 
-def expand_scale(scale: torch.Tensor, factor: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
-    """Repeat each scale `factor` times along the last two dims, then trim to `shape`.
+# Scales are replicated as raw elements (an array of unsigned ints of the dtype's width), which is
+# exact for every float format. The standard library's array slicing does this at C speed; torch
+# (repeat_interleave) gives the same bytes but its import alone costs ~1 s and ~200 MB per run,
+# more than converting a whole shard takes on copy-on-write filesystems.
+_TYPECODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
-    Works on any dtype, and on raw integer views of one: it only copies elements.
 
-    >>> expand_scale(torch.tensor([[1., 2.], [3., 4.]]), (2, 2), (3, 3)).tolist()
-    [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+def expand_scale(scale: array, shape: tuple[int, ...], factor: tuple[int, int],
+                 new_shape: tuple[int, ...]) -> array:
+    """Repeat every element of `scale` (row-major, `shape`) `factor[0]` times down and
+    `factor[1]` times across, then trim to `new_shape`: torch's
+    `repeat_interleave(f0, -2).repeat_interleave(f1, -1)[..., :n, :k]`.
+
+    >>> expand_scale(array("I", [1, 2, 3, 4]), (2, 2), (2, 2), (3, 3)).tolist()
+    [1, 1, 2, 1, 1, 2, 3, 3, 4]
     """
-    grown = scale.repeat_interleave(factor[0], dim=-2).repeat_interleave(factor[1], dim=-1)
-    return grown[..., : shape[-2], : shape[-1]].clone(memory_format=torch.contiguous_format)
+    *lead, rows, cols = shape
+    new_rows, new_cols = new_shape[-2:]
+    wide = array(scale.typecode, bytes(cols * factor[1] * scale.itemsize))
+    out = array(scale.typecode)
+    for row in range(math.prod(lead) * rows):
+        for k in range(factor[1]):
+            wide[k:: factor[1]] = scale[row * cols: (row + 1) * cols]
+        copies = min(factor[0], new_rows - (row % rows) * factor[0])
+        out += wide[:new_cols] * max(copies, 0)
+    return out
 
 
-def shrink_scale(scale: torch.Tensor, factor: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor | None:
-    """The inverse of `expand_scale`: every `factor`-th scale, or None if `scale` is not exactly
-    the replication of those (then shrinking would lose information).
+def shrink_scale(scale: array, shape: tuple[int, ...], factor: tuple[int, int],
+                 new_shape: tuple[int, ...]) -> array | None:
+    """The inverse of `expand_scale`: every `factor`-th element down and across, or None if
+    `scale` is not exactly the replication of those (then shrinking would lose information).
 
-    >>> shrink_scale(torch.tensor([[1., 1., 2.], [1., 1., 2.], [3., 3., 4.]]), (2, 2), (2, 2)).tolist()
-    [[1.0, 2.0], [3.0, 4.0]]
-    >>> shrink_scale(torch.tensor([[1., 5.]]), (1, 2), (1, 1)) is None
+    >>> shrink_scale(array("I", [1, 1, 2, 1, 1, 2, 3, 3, 4]), (3, 3), (2, 2), (2, 2)).tolist()
+    [1, 2, 3, 4]
+    >>> shrink_scale(array("I", [1, 5]), (1, 2), (1, 2), (1, 1)) is None
     True
     """
-    small = scale[..., :: factor[0], :: factor[1]].clone(memory_format=torch.contiguous_format)
-    if tuple(small.shape) != tuple(shape) or not torch.equal(expand_scale(small, factor, scale.shape), scale):
+    *lead, rows, cols = shape
+    out = array(scale.typecode)
+    for m in range(math.prod(lead)):
+        for row in range(0, rows, factor[0]):
+            start = (m * rows + row) * cols
+            out += scale[start: start + cols: factor[1]]
+    if len(out) != math.prod(new_shape) or expand_scale(out, new_shape, factor, shape) != scale:
         return None
-    return small
-
-
-# Integer dtypes of each width, so scales of any float format are replicated as raw bits.
-_RAW_INT = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+    return out
 
 
 def resize_scale_bytes(raw: bytes, dtype: str, old_shape: tuple[int, ...], new_shape: tuple[int, ...],
                        old_block: tuple[int, int], new_block: tuple[int, int]) -> bytes | None:
-    """A scale's raw little-endian bytes for `new_block`: expanded when the block shrinks,
-    shrunk (None if the scale is not a replication) when it grows.
+    """A scale's raw bytes for `new_block`: expanded when the block shrinks, shrunk (None if the
+    scale is not a replication) when it grows. Any dtype: only whole elements are copied.
 
     >>> resize_scale_bytes(bytes([1, 2]), "F8_E8M0", (1, 2), (2, 3), (128, 128), (64, 64))
     b'\\x01\\x01\\x02\\x01\\x01\\x02'
     """
     if math.prod(new_shape) == 0 or math.prod(old_shape) == 0:
         return b""
-    old = torch.frombuffer(bytearray(raw), dtype=_RAW_INT[DTYPE_BITS[dtype]]).reshape(old_shape)
+    old = array(_TYPECODE[DTYPE_BITS[dtype] // 8])
+    old.frombytes(raw)
     if new_block[0] <= old_block[0] and new_block[1] <= old_block[1]:
-        new = expand_scale(old, (old_block[0] // new_block[0], old_block[1] // new_block[1]), new_shape)
+        new = expand_scale(old, old_shape, (old_block[0] // new_block[0], old_block[1] // new_block[1]), new_shape)
     else:
-        new = shrink_scale(old, (new_block[0] // old_block[0], new_block[1] // old_block[1]), new_shape)
-        if new is None:
-            return None
-    # Copy into a bytearray seen as a tensor: bytes(tensor.untyped_storage()) would go element by element.
-    out = bytearray(new.numel() * new.element_size())
-    torch.frombuffer(out, dtype=new.dtype).copy_(new.reshape(-1))
-    return bytes(out)
+        new = shrink_scale(old, old_shape, (new_block[0] // old_block[0], new_block[1] // old_block[1]), new_shape)
+    return None if new is None else new.tobytes()
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
