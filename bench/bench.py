@@ -683,7 +683,7 @@ def run(args: argparse.Namespace) -> str:
         check_disk(work, args.size_gb, args.max_disk_gb)
         # A snapshot, so that edits to the module during the run do not mix versions.
         setup = Setup(args.size_gb, args.layout, args.pairs, Path(shutil.copy(args.tool, work)))
-        report = [f"# resize_block_size.py benchmark\n",
+        report = ["# resize_block_size.py benchmark\n",
                   f"- command: `{shlex.join(['python', *sys.argv])}`", machine_facts(work),
                   f"- tool: {args.tool.resolve()} (sha256 {hashlib.sha256(setup.tool.read_bytes()).hexdigest()[:12]}, "
                   f"copied at the start; git {git_revision(args.tool)})",
