@@ -975,15 +975,20 @@ class ByteCopier:
         self.on_bytes(n)
 
 
-COPY_METHODS = ("auto", "reflink", "copy_file_range", "buffered")
+COPY_METHODS = ("auto", "no-share", "reflink", "copy_file_range", "buffered")
 
 
 def choose_copy_method(requested: str, source: Path | None, probe_dir: Path) -> str:
     """"auto" is "reflink" where a probe clone from `source` into `probe_dir` works, else
-    "copy_file_range" (which itself falls back to "buffered" if the kernel refuses)."""
-    if requested != "auto":
+    "copy_file_range" (which itself falls back to "buffered" if the kernel refuses).
+    "no-share" (--no-reflink) must write real copies: where cloning works, copy_file_range
+    would share aligned ranges too, so it is "buffered" there."""
+    if requested not in ("auto", "no-share"):
         return requested
-    return "reflink" if source is not None and probe_reflink(source, probe_dir) else "copy_file_range"
+    can_share = source is not None and probe_reflink(source, probe_dir)
+    if requested == "auto":
+        return "reflink" if can_share else "copy_file_range"
+    return "buffered" if can_share else "copy_file_range"
 
 
 def probe_reflink(src: Path, dst_dir: Path) -> bool:
@@ -1877,7 +1882,7 @@ def run(args: argparse.Namespace) -> int:
     verify, or restore."""
     check_flags(args)
     input_dir = Path(args.input)
-    copy_method = "copy_file_range" if args.no_reflink else "auto"
+    copy_method = "no-share" if args.no_reflink else "auto"
     if args.restore:
         summary = restore_in_place(input_dir, copy=copy_method, quiet=args.quiet)
         if not args.quiet:

@@ -162,3 +162,17 @@ def test_reflinked_output_takes_almost_no_new_disk_on_xfs(xfs: Path) -> None:
     used = free_before - shutil.disk_usage(xfs).free
     input_bytes = sum(f.stat().st_size for f in source.iterdir())
     assert used < 0.05 * input_bytes, (used, input_bytes)
+
+
+def test_no_reflink_writes_real_copies_on_xfs(xfs: Path) -> None:
+    source = make_checkpoint(xfs / "in", interleaved=False)
+    (source / "tokenizer.json").write_bytes(os.urandom(1 << 20))   # copied from offset 0: aligned
+    os.sync()
+    free_before = shutil.disk_usage(xfs).free
+    plan = rbs.make_plan(rbs.read_checkpoint(source), xfs / "out", (64, 64))
+    summary = rbs.convert(plan, copy="no-share", quiet=True)
+    os.sync()
+    used = free_before - shutil.disk_usage(xfs).free
+    input_bytes = sum(f.stat().st_size for f in source.iterdir())
+    assert summary.bytes_shared == 0
+    assert used >= 0.95 * input_bytes, (used, input_bytes)
