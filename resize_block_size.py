@@ -957,6 +957,11 @@ class ByteCopier:
             written += os.pwrite(dst_fd, view[written:got], dst + written)
         return got
 
+    @property
+    def total(self) -> int:
+        """Bytes that reached the output, however they got there."""
+        return self.shared + self.copied + self.written
+
     def wrote(self, n: int) -> None:
         with self._lock:
             self.written += n
@@ -1377,7 +1382,7 @@ def _write_all(plan: Plan, state: OutputState, method: str, workers: int, quiet:
         write_text(plan.output_dir / INDEX_NAME, plan.index_text)
     return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
                    scales=sum(len(s.scales) for s in todo),
-                   bytes_written=copier.shared + copier.copied + copier.written,
+                   bytes_written=copier.total,
                    bytes_shared=copier.shared, method=copier.method)
 
 
@@ -1590,7 +1595,7 @@ def _replace_shards(folder: Path, todo: list[ShardPlan], total: int, index_text:
     write_text(folder / CONFIG_NAME, config_text)
     return Summary(shards_written=len(todo), shards_kept=total - len(todo),
                    scales=sum(len(s.scales) for s in todo),
-                   bytes_written=copier.shared + copier.copied + copier.written,
+                   bytes_written=copier.total,
                    bytes_shared=copier.shared, method=what)
 
 
