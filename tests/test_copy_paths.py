@@ -1,5 +1,5 @@
-"""The three ways unchanged bytes reach the output (copy-on-write clone, in-kernel copy_file_range,
-buffered read/write) write the same bytes, for the dtype-grouped layout safetensors writes and for
+"""The four ways unchanged bytes reach the output (copy-on-write clone, O_DIRECT writes, in-kernel
+copy_file_range, buffered read/write) write the same bytes, for the dtype-grouped layout safetensors writes and for
 a layout with scales interleaved between weights; on XFS the clone shares the unchanged bytes."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import resize_block_size as rbs
 from conftest import dequantized, snapshot, tc
 
-METHODS = ("reflink", "copy_file_range", "buffered")
+METHODS = ("reflink", "direct", "copy_file_range", "buffered")
 # Expert-sized tensors (a few MB) so that whole 4 KiB blocks can be shared.
 SHAPES = {"gate_proj": (1024, 1792), "down_proj": (1792, 1024)}
 
@@ -86,7 +86,7 @@ def test_every_copy_path_writes_the_same_bytes(tmp_path: Path, interleaved: bool
     for method in METHODS:       # on ext4 a requested clone falls back to copy_file_range
         convert_with(method, source, tmp_path / method)
         outputs[method] = snapshot(tmp_path / method)
-    assert outputs["reflink"] == outputs["copy_file_range"] == outputs["buffered"]
+    assert outputs["reflink"] == outputs["direct"] == outputs["copy_file_range"] == outputs["buffered"]
     before, after = dequantized(source), dequantized(tmp_path / "buffered")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -102,6 +102,88 @@ def test_buffered_loop_takes_over_when_the_kernel_refuses_copy_file_range(tmp_pa
     summary = convert_with("copy_file_range", source, tmp_path / "fallback")
     assert summary.method == "buffered"
     assert snapshot(tmp_path / "fallback") == snapshot(tmp_path / "kernel")
+
+
+@pytest.fixture
+def direct_io(tmp_path: Path) -> None:
+    """Skip, saying why, where tmp_path's filesystem takes no O_DIRECT write."""
+    if not rbs.probe_direct(tmp_path):
+        pytest.skip(f"{tmp_path} refuses O_DIRECT writes")
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["dtype-grouped", "interleaved"])
+def test_direct_writes_from_the_source_mapping_or_an_aligned_buffer_give_the_same_bytes(
+        tmp_path: Path, interleaved: bool, direct_io: None, monkeypatch) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=interleaved)
+    calls = {"mapped": 0, "buffer": 0}
+    for name, key in (("_direct_from_source", "mapped"), ("_direct_through_buffer", "buffer")):
+        real = getattr(rbs.ByteCopier, name)
+
+        def counted(*args, real=real, key=key):
+            calls[key] += 1
+            return real(*args)
+        monkeypatch.setattr(rbs.ByteCopier, name, counted if name == "_direct_through_buffer" else staticmethod(counted))
+    direct = convert_with("direct", source, tmp_path / "direct")
+    buffered = convert_with("buffered", source, tmp_path / "buffered")
+    assert direct.method == "direct"                 # no silent fallback
+    assert calls["mapped"] > 0
+    # Interleaved scales shift weights by 2560 mod 4096, so most go through the aligned buffer.
+    assert (calls["buffer"] > 0) == interleaved
+    assert direct.bytes_written == buffered.bytes_written
+    assert snapshot(tmp_path / "direct") == snapshot(tmp_path / "buffered")
+
+
+def test_auto_picks_direct_io_where_blocks_cannot_be_shared(tmp_path: Path, direct_io: None) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=False)
+    shard = next(source.glob("*.safetensors"))
+    if rbs.probe_reflink(shard, tmp_path):
+        pytest.skip(f"{tmp_path} can clone blocks, so auto rightly picks reflink")
+    assert rbs.choose_copy_method("auto", shard, tmp_path) == "direct"
+    assert rbs.choose_copy_method("no-share", shard, tmp_path) == "direct"
+
+
+def test_buffered_loop_takes_over_when_the_kernel_refuses_o_direct(tmp_path: Path, monkeypatch) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=False)
+    convert_with("buffered", source, tmp_path / "buffered")
+    real = rbs.set_direct
+
+    def refuse(fd: int, on: bool) -> None:
+        if on:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, on)
+    monkeypatch.setattr(rbs, "set_direct", refuse)
+    summary = convert_with("direct", source, tmp_path / "fallback")
+    assert summary.method == "buffered"
+    assert snapshot(tmp_path / "fallback") == snapshot(tmp_path / "buffered")
+
+
+def test_a_refusal_in_the_middle_of_a_direct_run_finishes_that_run_buffered(
+        tmp_path: Path, direct_io: None, monkeypatch) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=False)
+    convert_with("buffered", source, tmp_path / "buffered")
+    monkeypatch.setattr(rbs, "DIRECT_CHUNK", 64 << 10)      # several chunks per run
+    real, calls = rbs.ByteCopier._direct_from_source, []
+
+    def refuse_third(*args) -> None:
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(*args)
+    monkeypatch.setattr(rbs.ByteCopier, "_direct_from_source", staticmethod(refuse_third))
+    summary = convert_with("direct", source, tmp_path / "fallback")
+    assert len(calls) == 3 and summary.method == "buffered"
+    assert snapshot(tmp_path / "fallback") == snapshot(tmp_path / "buffered")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_source_shard_cut_short_during_the_run_is_a_one_line_error(tmp_path: Path, method: str) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=False)
+    plan = rbs.make_plan(rbs.read_checkpoint(source), tmp_path / "out", (64, 64))
+    shard = source / plan.shards[0].name
+    os.truncate(shard, shard.stat().st_size - 100_000)          # after planning: the header still agrees
+    with pytest.raises(rbs.ConversionError, match="changed during the run"):
+        rbs.convert(plan, copy=method, quiet=True)
+    assert not (tmp_path / "out" / plan.shards[0].name).exists()
 
 
 def test_dtype_grouped_shards_are_laid_out_so_almost_every_unchanged_byte_can_be_shared(tmp_path: Path) -> None:
@@ -174,5 +256,5 @@ def test_no_reflink_writes_real_copies_on_xfs(xfs: Path) -> None:
     os.sync()
     used = free_before - shutil.disk_usage(xfs).free
     input_bytes = sum(f.stat().st_size for f in source.iterdir())
-    assert summary.bytes_shared == 0
+    assert summary.method == "direct" and summary.bytes_shared == 0
     assert used >= 0.95 * input_bytes, (used, input_bytes)
