@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from array import array
-from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -1177,10 +1176,12 @@ def _make_dirs(root: Path, rel_dir: Path) -> None:
                 raise _fail(path, "exists in the output folder and is not a folder (or is a symlink); remove it")
 
 
-def write_atomic(final: Path, fill: Callable[[int], None], mode: int = 0o644) -> None:
+def write_atomic(final: Path, fill: Callable[[int], None], mode: int = 0o644, sync_dir: bool = True) -> None:
     """Write a file under a temporary name, flush it, then rename it into place.
 
     A reader never sees a half-written file under the final name; a failure removes the partial.
+    sync_dir=False leaves flushing the rename to the caller, who renames many files into one
+    folder (a lost rename after a crash only means that file is written again).
     """
     tmp = _partial_path(final)
     fd = -1
@@ -1197,7 +1198,8 @@ def write_atomic(final: Path, fill: Callable[[int], None], mode: int = 0o644) ->
         raise
     os.close(fd)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    if sync_dir:
+        _fsync_dir(final.parent)
 
 
 def _permissions(fd: int) -> int:
@@ -1264,7 +1266,7 @@ def write_shard(shard: ShardPlan, output_dir: Path, copier: ByteCopier) -> None:
                     _pwrite_all(fd, data, step.out_begin)
                     copier.wrote(len(data))
             self_check(shard, fd, scales)
-        write_atomic(output_dir / shard.name, fill, _permissions(src_fd))
+        write_atomic(output_dir / shard.name, fill, _permissions(src_fd), sync_dir=False)
     finally:
         os.close(src_fd)
 
@@ -1305,7 +1307,7 @@ def copy_other_file(item: OtherFile, output_dir: Path, copier: ByteCopier) -> No
     src_fd = os.open(item.source, os.O_RDONLY | os.O_CLOEXEC)
     try:
         write_atomic(final, lambda fd: copier.copy(src_fd, fd, CopyRun(0, 0, item.size)) if item.size else None,
-                     _permissions(src_fd))
+                     _permissions(src_fd), sync_dir=False)
     finally:
         os.close(src_fd)
 
@@ -1455,30 +1457,36 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-class _NoProgress:
-    """What `progress_bar` gives with --quiet: the part of tqdm's interface used here."""
+class ProgressBar:
+    """A byte counter on stderr (tqdm: bytes, GB/s, time left) that appears only once the work
+    has taken `delay` seconds. tqdm is imported at that moment, not before: its import takes
+    ~20 ms, a fifth of a whole copy-on-write conversion, which finishes long before a bar could
+    be read. With quiet=True nothing is ever shown."""
 
-    def update(self, n: int = 1) -> None:
-        pass
+    def __init__(self, total: int, desc: str, quiet: bool = False, delay: float = 0.5):
+        self.total, self.desc, self.quiet = total, desc, quiet
+        self.shown_after = time.monotonic() + delay
+        self.count = 0
+        self.bar = None
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.monotonic() >= self.shown_after:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=self.count, unit="B", unit_scale=True,
+                            unit_divisor=1000, desc=self.desc, dynamic_ncols=True, file=sys.stderr)
 
     def close(self) -> None:
-        pass
+        if self.bar is not None:
+            self.bar.close()
 
-    def __enter__(self) -> _NoProgress:
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, quiet: bool = False):
-    """A tqdm bar on stderr counting bytes (and GB/s). tqdm is imported only when a bar is shown:
-    its import takes ~25 ms, a fifth of a whole copy-on-write conversion."""
-    if quiet:
-        return _NoProgress()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
-                dynamic_ncols=True, file=sys.stderr)
+        self.close()
 
 
 def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int = 1,
@@ -1546,7 +1554,7 @@ def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = ()
     for stale in out.glob(".*.partial"):      # left by a killed run; ours by name
         _unlink_quietly(stale)
     total = sum(s.out_size for s in shards) + sum(f.size for f in others)
-    bar = progress_bar(total, "converting", quiet)
+    bar = ProgressBar(total, "converting", quiet)
     bar_lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -1561,6 +1569,8 @@ def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = ()
         run_jobs(jobs, workers, stop)
     finally:
         bar.close()
+    for folder in {out, *(out / Path(f.relpath).parent for f in others)}:
+        _fsync_dir(folder)                    # every rename above, flushed once per folder
     return copier
 
 
@@ -1577,6 +1587,8 @@ def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event
         for job in jobs:
             job()
         return
+    # Imported here: it pulls in logging, 3 ms that a one-worker copy-on-write run need not pay.
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = [pool.submit(job) for job in jobs]
     try:
@@ -1613,7 +1625,9 @@ def save_in_place_state(ckpt: Checkpoint, target: tuple[int, int]) -> None:
     state = _state_path(ckpt.folder)
     _make_dirs(state, Path("original/headers"))
     for h in ckpt.headers:
-        write_atomic(state / "original/headers" / h.name, lambda fd, h=h: _pwrite_all(fd, h.prefix, 0))
+        write_atomic(state / "original/headers" / h.name, lambda fd, h=h: _pwrite_all(fd, h.prefix, 0),
+                     sync_dir=False)
+    _fsync_dir(state / "original/headers")
     write_text(state / "original" / CONFIG_NAME, ckpt.config_text)
     if ckpt.index_text is not None:
         write_text(state / "original" / INDEX_NAME, ckpt.index_text)
@@ -1789,7 +1803,7 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
     out = plan.output_dir
     total = (sum(p.src_end - p.src_begin for s in plan.shards for p in s.pieces)
              + sum(f.size for f in plan.other_files))
-    with progress_bar(total, "verifying", quiet) as bar:
+    with ProgressBar(total, "verifying", quiet) as bar:
         for shard in plan.shards:
             _verify_shard(plan, shard, report, bar.update)
         for item in plan.other_files:

@@ -35,6 +35,8 @@ from safetensors import safe_open
 
 from conftest import ROOT, TOOL, deepseek, dequantized, load_all, run_tool, snapshot, tc
 
+import resize_block_size as rbs
+
 SOURCE = (128, 128)
 INDEX = "model.safetensors.index.json"
 SCALE = "_scale_inv"
@@ -474,6 +476,22 @@ def test_quiet_prints_nothing(ckpt, tmp_path):
     result = run_tool(ckpt, "--quiet", "-o", tmp_path / "out")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert block_of(tmp_path / "out") == [64, 64]
+
+
+def test_progress_bar_counts_bytes_and_rate_once_the_run_lasts(capsys):
+    with rbs.ProgressBar(5_000_000, "converting", delay=0) as bar:
+        bar.update(2_000_000)
+        bar.update(3_000_000)
+    err = capsys.readouterr().err
+    assert "converting" in err and "5.00M/5.00M" in err and "B/s" in err, err
+
+
+def test_progress_bar_stays_hidden_for_a_run_shorter_than_its_delay_and_with_quiet(capsys):
+    for bar in (rbs.ProgressBar(100, "converting", delay=60), rbs.ProgressBar(100, "converting", quiet=True, delay=0)):
+        with bar:
+            bar.update(100)
+        assert bar.count == 100
+    assert capsys.readouterr().err == ""
 
 
 def test_rerun_on_finished_output_says_already_converted_and_rewrites_nothing(ckpt, tmp_path):

@@ -1138,6 +1138,29 @@ def test_disk_full_during_run_fails_cleanly_and_rerun_completes(big: Big, out: P
     big.rerun_gives_reference(out)
 
 
+def test_a_scale_that_reads_back_wrong_stops_the_run_before_its_shard_is_renamed(tmp_path: Path) -> None:
+    if os.environ.get("RBS_TEST_SUBPROCESS"):
+        pytest.skip("patches a write inside the tool's process: needs the forked in-process run")
+    model = write_hand_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+
+    def corrupt_scale_writes() -> None:
+        real = rbs._pwrite_all
+
+        def write(fd: int, data, offset: int) -> None:
+            # Only resized scales are written as bytes past offset 0 (headers start at 0, copies
+            # go through other calls): flip the first byte of each, as a failing disk might.
+            if isinstance(data, bytes) and offset > 0 and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            real(fd, data, offset)
+        rbs._pwrite_all = write
+    result = cli(model, "-o", out, "-q", before=corrupt_scale_writes)
+    line = error_line(result)
+    assert "read back differs" in line and "_scale_inv" in line, line
+    assert not (out / SHARD1).exists() and not (out / SHARD2).exists()
+    assert no_partials(out) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Signals
 # ---------------------------------------------------------------------------------------------
