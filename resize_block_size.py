@@ -919,8 +919,10 @@ class ByteCopier:
       the output side; never shares blocks;
     - "copy_file_range": in-kernel copy (it may share blocks where the filesystem can);
     - "buffered": read/write through one fixed buffer.
-    A method the kernel refuses falls back for the rest of the run (reflink -> copy_file_range ->
-    buffered; direct -> buffered, which never shares either); the bytes written are the same.
+    "reflink" writes what it cannot share (ranges that do not line up) like "direct" where the
+    filesystem takes O_DIRECT. A method the kernel refuses falls back for the rest of the run
+    (reflink -> copy_file_range -> buffered; direct -> buffered, which never shares either); the
+    bytes written are the same.
     """
 
     def __init__(self, method: str, on_bytes: Callable[[int], None] = lambda n: None,
@@ -933,13 +935,13 @@ class ByteCopier:
         self.written = 0            # headers and scales, counted by `wrote`
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._direct_refused = False
 
     def copy(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
-        if self.method == "direct":
-            self._copy_direct(src_fd, dst_fd, run)
-            return
         head, shared = _aligned_span(run) if self.method == "reflink" else (0, 0)
-        if shared:
+        if not shared and self.method in ("reflink", "direct"):
+            self._copy_direct(src_fd, dst_fd, run)
+        elif shared:
             self._copy(src_fd, dst_fd, run.src, run.dst, head)
             done = 0
             while done < shared:      # chunks keep Ctrl-C and the progress bar responsive
@@ -961,16 +963,19 @@ class ByteCopier:
 
     def _copy_direct(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
         # O_DIRECT needs the output offset and length in whole blocks: the unaligned ends (under
-        # 4 KiB each) go through the buffered loop, which never shares blocks either.
+        # 4 KiB each) are copied otherwise, by the buffered loop for "direct" (it never shares).
+        small = "buffered" if self.method == "direct" else ""
         head = min(run.length, -run.dst % ALIGN)
         body = (run.length - head) // ALIGN * ALIGN
-        self._copy(src_fd, dst_fd, run.src, run.dst, head, "buffered")
-        done = head + self._direct(src_fd, dst_fd, run.src + head, run.dst + head, body)
-        self._copy(src_fd, dst_fd, run.src + done, run.dst + done, run.length - done, "buffered")
+        self._copy(src_fd, dst_fd, run.src, run.dst, head, small)
+        use_direct = body and not self._direct_refused
+        done = head + (self._direct(src_fd, dst_fd, run.src + head, run.dst + head, body) if use_direct else 0)
+        self._copy(src_fd, dst_fd, run.src + done, run.dst + done, run.length - done, small)
 
     def _direct(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> int:
         """Write `length` bytes (dst and length block-aligned) with O_DIRECT; returns how many were
-        written, fewer only if the kernel refused, and then the method is "buffered" from now on.
+        written, fewer only if the kernel refused: then O_DIRECT is not tried again, and the
+        "direct" method becomes "buffered".
 
         Why by hand: with copy_file_range on ext4 every byte is copied into the output's page
         cache and then written back, and the fsync that makes a shard safe to rename waits for
@@ -997,7 +1002,9 @@ class ByteCopier:
                 raise _source_changed(src + done) from None
             if e.errno not in _KERNEL_REFUSES:
                 raise
-            self.method = "buffered"
+            self._direct_refused = True
+            if self.method == "direct":
+                self.method = "buffered"
         finally:
             try:
                 set_direct(dst_fd, False)

@@ -329,10 +329,11 @@ def install_tool(tool: Path) -> None:
     py_compile.compile(str(tool), cfile=importlib.util.cache_from_source(str(tool)), doraise=True)
 
 
-def tool_argv(tool: Path, inp: Path, out: Path, quiet: bool = True) -> list[str]:
-    """The console script's entry point (pyproject.toml), on the module copy `tool`."""
+def tool_argv(setup: Setup, inp: Path, out: Path, quiet: bool = True) -> list[str]:
+    """The console script's entry point (pyproject.toml), on the module copy `setup.tool`."""
+    tool = setup.tool
     entry = f"import sys; sys.path.insert(0, {str(tool.parent)!r}); from {tool.stem} import main_exit; main_exit()"
-    return [sys.executable, "-c", entry, str(inp), "-o", str(out)] + (["--quiet"] if quiet else [])
+    return [sys.executable, "-c", entry, str(inp), "-o", str(out), *setup.tool_args] + (["--quiet"] if quiet else [])
 
 
 def cp_argv(inp: Path, out: Path) -> list[str]:
@@ -412,6 +413,7 @@ class Setup:
     layout: str
     pairs: int
     tool: Path
+    tool_args: list[str] = field(default_factory=list)     # --tool-args, e.g. ["--workers", "2"]
 
 
 def bench_speed(work: Path, setup: Setup, shard_gb: float) -> SpeedRow:
@@ -419,7 +421,7 @@ def bench_speed(work: Path, setup: Setup, shard_gb: float) -> SpeedRow:
     out = work / "out"
     check = OutputCheck(work / "tool-output")
     try:
-        commands = {"tool": tool_argv(setup.tool, ckpt.path, out), "cp": cp_argv(ckpt.path, out),
+        commands = {"tool": tool_argv(setup, ckpt.path, out), "cp": cp_argv(ckpt.path, out),
                     "naive": naive_argv(ckpt.path, out)}
         runs = paired_rounds(commands, out, setup.pairs, check)
     finally:
@@ -542,7 +544,7 @@ def bench_xfs(mount_point: Path, setup: Setup, shard_gb: float) -> XfsRow:
     ckpt = make_checkpoint(mount_point / "in", setup.size_gb, shard_gb, setup.layout)
     out = mount_point / "out"
     try:
-        commands = {"tool": tool_argv(setup.tool, ckpt.path, out, quiet=False), "cp": cp_argv(ckpt.path, out)}
+        commands = {"tool": tool_argv(setup, ckpt.path, out, quiet=False), "cp": cp_argv(ckpt.path, out)}
         runs = paired_rounds(commands, out, setup.pairs, lambda name, o: {"shared": tree_shared_bytes(o)})
     finally:
         remove(ckpt.path)
@@ -694,7 +696,7 @@ def run(args: argparse.Namespace) -> str:
         check_disk(work, args.size_gb, args.max_disk_gb)
         # A snapshot, so that edits to the module during the run do not mix versions.
         tool = Path(shutil.copy(args.tool, work / "resize_block_size.py"))
-        setup = Setup(args.size_gb, args.layout, args.pairs, tool)
+        setup = Setup(args.size_gb, args.layout, args.pairs, tool, shlex.split(args.tool_args))
         install_tool(setup.tool)
         report = ["# resize_block_size.py benchmark\n",
                   f"- command: `{shlex.join(['python', *sys.argv])}`", machine_facts(work),
@@ -743,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse sizes whose input + 2 outputs exceed this (default: 25)")
     p.add_argument("--tool", type=Path, default=TOOL,
                    help="the resize_block_size.py to measure (default: the one next to bench/)")
+    p.add_argument("--tool-args", default="", metavar="ARGS",
+                   help='extra options for the tool, e.g. --tool-args="--workers 2"')
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 GB, shards of 0.25 and 1 GB, 1 pair")
     return p
