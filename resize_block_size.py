@@ -1012,13 +1012,15 @@ class ByteCopier:
                 pass
         return done
 
-    @staticmethod
-    def _direct_from_source(src_fd: int, dst_fd: int, src: int, dst: int, n: int) -> None:
+    def _direct_from_source(self, src_fd: int, dst_fd: int, src: int, dst: int, n: int) -> None:
         start = src - src % mmap.ALLOCATIONGRANULARITY     # mmap offsets are whole pages
         try:
             window = mmap.mmap(src_fd, src + n - start, prot=mmap.PROT_READ, offset=start)
         except ValueError:                                  # "mmap length is greater than file size"
             raise _source_changed(src) from None
+        except OSError:                                     # a source filesystem that cannot map
+            self._direct_through_buffer(src_fd, dst_fd, src, dst, n)
+            return
         with window:
             window.madvise(mmap.MADV_SEQUENTIAL)            # read ahead when it is not cached
             # Every view released on the way out, even on an error: mmap.close refuses otherwise.

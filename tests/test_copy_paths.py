@@ -122,7 +122,7 @@ def test_direct_writes_from_the_source_mapping_or_an_aligned_buffer_give_the_sam
         def counted(*args, real=real, key=key):
             calls[key] += 1
             return real(*args)
-        monkeypatch.setattr(rbs.ByteCopier, name, counted if name == "_direct_through_buffer" else staticmethod(counted))
+        monkeypatch.setattr(rbs.ByteCopier, name, counted)
     direct = convert_with("direct", source, tmp_path / "direct")
     buffered = convert_with("buffered", source, tmp_path / "buffered")
     assert direct.method == "direct"                 # no silent fallback
@@ -140,6 +140,22 @@ def test_auto_picks_direct_io_where_blocks_cannot_be_shared(tmp_path: Path, dire
         pytest.skip(f"{tmp_path} can clone blocks, so auto rightly picks reflink")
     assert rbs.choose_copy_method("auto", shard, tmp_path) == "direct"
     assert rbs.choose_copy_method("no-share", shard, tmp_path) == "direct"
+
+
+def test_a_source_that_cannot_be_mapped_goes_through_the_aligned_buffer(
+        tmp_path: Path, direct_io: None, monkeypatch) -> None:
+    source = make_checkpoint(tmp_path / "in", interleaved=False)
+    convert_with("buffered", source, tmp_path / "buffered")
+    real = rbs.mmap.mmap
+
+    def no_file_maps(fileno: int, *args, **kwargs):
+        if fileno != -1:
+            raise OSError(errno.ENODEV, "No such device")
+        return real(fileno, *args, **kwargs)
+    monkeypatch.setattr(rbs.mmap, "mmap", no_file_maps)
+    summary = convert_with("direct", source, tmp_path / "unmapped")
+    assert summary.method == "direct"
+    assert snapshot(tmp_path / "unmapped") == snapshot(tmp_path / "buffered")
 
 
 def test_buffered_loop_takes_over_when_the_kernel_refuses_o_direct(tmp_path: Path, monkeypatch) -> None:
@@ -169,7 +185,7 @@ def test_a_refusal_in_the_middle_of_a_direct_run_finishes_that_run_buffered(
         if len(calls) == 3:
             raise OSError(errno.EINVAL, "Invalid argument")
         real(*args)
-    monkeypatch.setattr(rbs.ByteCopier, "_direct_from_source", staticmethod(refuse_third))
+    monkeypatch.setattr(rbs.ByteCopier, "_direct_from_source", refuse_third)
     summary = convert_with("direct", source, tmp_path / "fallback")
     assert len(calls) == 3 and summary.method == "buffered"
     assert snapshot(tmp_path / "fallback") == snapshot(tmp_path / "buffered")
