@@ -263,8 +263,8 @@ def test_what_reflink_cannot_share_on_xfs_is_written_with_o_direct(xfs: Path, mo
     monkeypatch.setattr(rbs.ByteCopier, "_direct", spy)
     summary = convert_with("auto", source, xfs / "auto")
     assert summary.method == "reflink" and summary.bytes_shared > 0
-    unchanged = summary.bytes_written - summary.bytes_shared
-    assert sum(written) >= 0.9 * unchanged - (1 << 20), (sum(written), unchanged)
+    not_shared = summary.bytes_written - summary.bytes_shared      # copied weights, plus headers and scales
+    assert sum(written) >= 0.9 * not_shared - (1 << 20), (sum(written), not_shared)
     monkeypatch.undo()
     convert_with("buffered", source, xfs / "buffered")
     assert snapshot(xfs / "auto") == snapshot(xfs / "buffered")
