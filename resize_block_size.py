@@ -1700,8 +1700,9 @@ def restore_in_place(folder: Path, *, copy: str = "auto", quiet: bool = False) -
         # record (everything was restored): either way the shards are the original ones.
         leftovers = [p for p in (_state_path(folder), trash) if p.is_dir()]
         if not leftovers:
-            raise _fail(folder, "has no record of an in-place conversion; to go back to the original blocks "
-                                "from a separate output, convert it with --block-size 128 (the original block)")
+            raise _fail(folder, "has no record of an in-place conversion (none was made here, or a --restore "
+                                "finished and removed it); to go back to the original blocks from a separate "
+                                "output, convert it with --block-size 128 (the original block)")
         for p in leftovers:
             shutil.rmtree(p)
         return Summary(method="restored")
