@@ -1005,13 +1005,59 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
 
 TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 BLOCK_EDGES = (128, 64, 32, 16)
-# How SGLang and vLLM shard each projection (by the module name before `.weight`).
+# How SGLang and vLLM shard each projection (by the module name before `.weight`), read from their
+# model files: DeepSeek-V2/V3 and GLM-5 (deepseek_v2.py, glm4_moe.py), Qwen3 / Qwen3-Next /
+# Qwen3.5-3.6 (qwen3_moe.py, qwen3_next.py, qwen3_5.py, gdn_linear_attn.py), MiniMax-M2, Step-3.5.
 COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_proj",
-                   "gate_proj", "up_proj", "gate_up_proj", "w1", "w3"}
-ROW_PARALLEL = {"o_proj", "down_proj", "w2", "out_proj"}
-REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "eh_proj", "gate",
-              "wq_b", "wk", "weights_proj"}          # the last three: DeepSeek-V3.2's indexer
+                   "gate_proj", "up_proj", "w1", "w3",
+                   "in_proj_z", "in_proj_a", "in_proj_b",   # Qwen3.5/3.6 gated delta net
+                   "g_proj",                                # Step-3.5 head-wise attention gate
+                   "linear_fc1"}                            # vision tower / merger MLP
+ROW_PARALLEL = {"o_proj", "down_proj", "w2", "out_proj", "linear_fc2", "proj"}
+REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "eh_proj", "gate", "shared_expert_gate",
+              "wq_b", "wk", "weights_proj", "indexers_proj"}   # the last four: the DSA indexer
 KV_PROJ = {"k_proj", "v_proj"}                       # split over min(TP, KV heads)
+# Merged column-parallel weights stored fused: each part is split over the ranks separately
+# (MergedColumnParallelLinear), so each part's rows per rank must be a multiple of the block.
+MERGED_PARTS = {
+    "gate_up_proj": lambda d, rows: (rows // 2, rows // 2),
+    "in_proj_qkv": lambda d, rows: d.key_dim and (d.key_dim, d.key_dim, d.value_dim),        # Qwen3.5/3.6
+    "in_proj_qkvz": lambda d, rows: d.key_dim and (d.key_dim, d.key_dim, d.value_dim, d.value_dim),  # Qwen3-Next
+    "in_proj_ba": lambda d, rows: (rows // 2, rows // 2),
+    "qkv": lambda d, rows: (rows // 3,) * 3,                                                # vision attention
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The config dims the split rules need (from text_config for multimodal checkpoints)."""
+    kv_heads: int | None = None
+    key_dim: int | None = None      # linear attention: key heads x key head dim
+    value_dim: int | None = None    # linear attention: value heads x value head dim
+
+
+def _positive(c: dict, key: str) -> int | None:
+    v = c.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def model_dims(config: dict) -> ModelDims:
+    """ModelDims of a config.json, looking in text_config first (multimodal wrappers).
+
+    >>> model_dims({"text_config": {"num_key_value_heads": 2, "linear_num_key_heads": 16,
+    ...     "linear_key_head_dim": 128, "linear_num_value_heads": 32, "linear_value_head_dim": 128}})
+    ModelDims(kv_heads=2, key_dim=2048, value_dim=4096)
+    """
+    texts = [c for c in (config.get("text_config"), config) if isinstance(c, dict)]
+
+    def first(key: str) -> int | None:
+        return next((v for c in texts if (v := _positive(c, key))), None)
+
+    key_heads, key_dim = first("linear_num_key_heads"), first("linear_key_head_dim")
+    value_heads, value_dim = first("linear_num_value_heads"), first("linear_value_head_dim")
+    linear = key_heads and key_dim and value_heads and value_dim
+    return ModelDims(_kv_heads(config), key_heads * key_dim if linear else None,
+                     value_heads * value_dim if linear else None)
 
 
 @dataclass(frozen=True)
@@ -1022,22 +1068,42 @@ class SplitRule:
     max_ways: int | None = None     # KV heads: the engines replicate them beyond this many ranks
     expert: bool = False            # a routed expert: not split under expert parallelism
     known: bool = True
+    parts: tuple[int, ...] = ()     # a merged column-parallel weight: the rows of each part
 
 
-def split_rule(name: str, kv_heads: int | None = None) -> SplitRule:
-    """How tensor parallelism splits the weight `name`.
+def _is_routed_expert(name: str, leaf: str) -> bool:
+    if ".experts." in name and ".shared_experts." not in name:
+        return True
+    # Step-3.5 stores its routed experts stacked, [E, N, K], as `moe.{gate,up,down}_proj`.
+    return ".moe." in name and leaf in {"gate_proj", "up_proj", "down_proj"}
+
+
+def split_rule(name: str, kv_heads: int | None = None, dims: ModelDims | None = None,
+               shape: tuple[int, ...] = ()) -> SplitRule:
+    """How tensor parallelism splits the weight `name` (of `shape`, needed for merged weights).
 
     >>> split_rule("model.layers.3.mlp.experts.7.down_proj.weight")
-    SplitRule(rows=False, cols=True, max_ways=None, expert=True, known=True)
+    SplitRule(rows=False, cols=True, max_ways=None, expert=True, known=True, parts=())
+    >>> split_rule("model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+    ...            dims=ModelDims(2, 2048, 4096), shape=(8192, 2048)).parts
+    (2048, 2048, 4096)
     """
+    dims = dims or ModelDims(kv_heads)
+    kv_heads = kv_heads or dims.kv_heads
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
-    expert = ".experts." in name and ".shared_experts." not in name
+    expert = _is_routed_expert(name, leaf)
+    if leaf in MERGED_PARTS:
+        rows = shape[-2] if len(shape) >= 2 else 0
+        merged = MERGED_PARTS[leaf](dims, rows)
+        if not merged or sum(merged) != rows:      # dims missing from config.json, or another layout
+            return SplitRule(True, True, None, expert, known=False)
+        return SplitRule(True, False, None, expert, parts=tuple(merged))
     if leaf in COLUMN_PARALLEL:
         return SplitRule(True, False, kv_heads if leaf in KV_PROJ else None, expert)
     if leaf in ROW_PARALLEL:
         return SplitRule(False, True, None, expert)
-    if leaf in REPLICATED:
+    if leaf in REPLICATED or (leaf == "fc" and name.startswith("mtp.")):   # Qwen3.5 MTP fc: nn.Linear
         return SplitRule(False, False, None, expert)
     return SplitRule(True, True, None, expert, known=False)
 
@@ -1050,6 +1116,8 @@ def split_failure(shape: tuple[int, ...], rule: SplitRule, tp: int, ep: bool,
     '576 rows per rank are not a multiple of 128'
     >>> split_failure((18432, 7168), SplitRule(True, False), 32, False, (64, 64)) is None
     True
+    >>> split_failure((8192, 2048), SplitRule(True, False, parts=(2048, 2048, 4096)), 64, False, (64, 64))
+    'part 1 of 3 (2048 rows): 32 rows per rank are not a multiple of 64'
     """
     if rule.expert and ep:
         return None
@@ -1057,10 +1125,12 @@ def split_failure(shape: tuple[int, ...], rule: SplitRule, tp: int, ep: bool,
     for split, size, edge, what in ((rule.rows, shape[-2], block[0], "rows"), (rule.cols, shape[-1], block[1], "columns")):
         if not split:
             continue
-        if size % ways:
-            return f"{size} {what} do not split evenly over {ways} ranks"
-        if (size // ways) % edge:
-            return f"{size // ways} {what} per rank are not a multiple of {edge}"
+        for i, part in enumerate(rule.parts if what == "rows" and rule.parts else (size,)):
+            label = f"part {i + 1} of {len(rule.parts)} ({part} rows): " if what == "rows" and rule.parts else ""
+            if part % ways:
+                return f"{label}{part} {what} do not split evenly over {ways} ranks"
+            if (part // ways) % edge:
+                return f"{label}{part // ways} {what} per rank are not a multiple of {edge}"
     return None
 
 
@@ -1102,11 +1172,11 @@ class TPAdvice:
 
 def advise_tp(ckpt: Checkpoint) -> TPAdvice:
     """Collect every FP8 weight's split rule (distinct shapes only: 90k tensors, ~20 kinds)."""
-    kv_heads = _kv_heads(ckpt.config)
+    dims = model_dims(ckpt.config)
     weights: dict[tuple[tuple[int, ...], SplitRule], str] = {}
     unknown: list[str] = []
     for pair in ckpt.pairs.values():
-        rule = split_rule(pair.weight.name, kv_heads)
+        rule = split_rule(pair.weight.name, dims=dims, shape=pair.weight.shape)
         if not rule.known:
             unknown.append(pair.weight.name)
         weights.setdefault((pair.weight.shape, rule), pair.weight.name)
