@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,282 @@ def test_in_proj_qkv_without_linear_attention_dims_is_listed_as_unknown(tmp_path
         del config["text_config"][key]
     info = dry_run_json(write_header_only(tmp_path / "no-dims", [t], config))
     assert info["tp_unknown_weights"] == ["model.language_model.layers.0.linear_attn.in_proj_qkv.weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny checkpoints with data: converted, compared with torch dequantization of the input
+# ---------------------------------------------------------------------------------------------
+
+def quant_blocks(folder: Path) -> list[tuple[str, tuple[int, int]]]:
+    """(where, block) of every quantization_config copy in config.json (fp8 weight_block_size or
+    compressed-tensors block_structure of each group)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    found = []
+    for where, holder in (("top", cfg), ("text_config", cfg.get("text_config") or {})):
+        qc = holder.get("quantization_config")
+        if qc is None:
+            continue
+        if qc["quant_method"] == "fp8":
+            found.append((where, tuple(qc["weight_block_size"])))
+        else:
+            for name, group in qc["config_groups"].items():
+                found.append((f"{where}:{name}", tuple(group["weights"]["block_structure"])))
+    return found
+
+
+def dequantize(folder: Path) -> dict[str, torch.Tensor]:
+    """Every FP8 weight of `folder` as float32, dequantized by torch with the block its config
+    declares (all copies must agree) and its `_scale_inv` or `_scale` tensor."""
+    blocks = {b for _, b in quant_blocks(folder)}
+    assert len(blocks) == 1, blocks
+    block = blocks.pop()
+    tensors = load_all(folder)
+    out = {}
+    for name, t in tensors.items():
+        if t.dtype == torch.float8_e4m3fn:
+            scale = tensors.get(name + "_scale_inv", tensors.get(name + "_scale"))
+            out[name] = tc.dequantize_block_fp8(t, scale, block)
+    return out
+
+
+def assert_same_weights(src: Path, out: Path) -> None:
+    a, b = dequantize(src), dequantize(out)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    before, after = load_all(src), load_all(out)
+    assert before.keys() == after.keys()
+    for name, t in before.items():                      # every non-scale tensor: same bytes
+        if not name.endswith(("_scale_inv", "_scale")):
+            assert after[name].dtype == t.dtype and torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+def assert_refused_in_one_line(src: Path, *needles: str) -> str:
+    before = snapshot(src)
+    result = cli(src)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resize-block-size: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert result.stdout == ""
+    assert siblings(src) == {src.name}                  # nothing created next to it
+    assert snapshot(src) == before                      # nothing changed in it
+    return lines[0]
+
+
+def qwen3_5(folder: Path, quant_at: str = "top") -> Path:
+    return tc.write_checkpoint(folder, tc.qwen3_5_moe_tensors(), tc.qwen3_5_moe_config(quant_at=quant_at),
+                               shards=3, extra_files={"preprocessor_config.json": b'{"patch_size": 4}\n',
+                                                      "chat_template.jinja": b"{{ messages }}\n"})
+
+
+@pytest.mark.parametrize("quant_at", ["top", "text", "both"])
+def test_qwen3_5_converts_exactly_wherever_its_quantization_config_is(tmp_path, quant_at):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny", quant_at)
+    out = tmp_path / "out"
+    result = cli(src, "-o", out, "--verify")
+    assert result.returncode == 0, result.stderr
+    assert f"verified {out}" in result.stdout
+    expected_places = {"top": ["top"], "text": ["text_config"], "both": ["top", "text_config"]}[quant_at]
+    assert quant_blocks(out) == [(p, (64, 64)) for p in expected_places]
+    assert_same_weights(src, out)
+
+
+@pytest.mark.parametrize("quant_at", ["top", "text", "both"])
+def test_qwen3_5_config_keeps_every_character_but_the_block(tmp_path, quant_at):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny", quant_at)
+    out = tmp_path / "out"
+    cli(src, "-o", out, "-q", check=True)
+    text = (src / "config.json").read_text()
+    expected, n = re.subn(r'("weight_block_size": \[\s*)128(,\s*)128', r"\g<1>64\g<2>64", text)
+    assert n == (2 if quant_at == "both" else 1)
+    assert (out / "config.json").read_text() == expected
+
+
+def test_disagreeing_quantization_configs_are_refused_naming_both(tmp_path):
+    config = tc.qwen3_5_moe_config(quant_at="both")
+    config["text_config"]["quantization_config"]["weight_block_size"] = [64, 64]
+    src = tc.write_checkpoint(tmp_path / "Qwen3.6-mixed", tc.qwen3_5_moe_tensors(), config, shards=2)
+    assert_refused_in_one_line(src, "config.json", "disagree", "text_config.quantization_config says fp8 64x64",
+                               "quantization_config says fp8 128x128")
+
+
+def test_qwen3_5_vision_tower_fp8_layers_resized_bf16_layers_untouched(tmp_path):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny")
+    out = tmp_path / "out"
+    cli(src, "-o", out, "-q", check=True)
+    before, after = load_all(src), load_all(out)
+    # block 0 attention is FP8: qkv [192, 64] -> scale [2, 1] at 128, [3, 1] at 64
+    assert list(before["model.visual.blocks.0.attn.qkv.weight_scale_inv"].shape) == [2, 1]
+    assert list(after["model.visual.blocks.0.attn.qkv.weight_scale_inv"].shape) == [3, 1]
+    assert after["model.visual.blocks.0.attn.qkv.weight_scale_inv"].dtype == torch.bfloat16
+    for name in ("model.visual.blocks.1.attn.qkv.weight", "model.visual.blocks.0.mlp.linear_fc1.weight",
+                 "model.visual.merger.linear_fc1.weight"):
+        assert after[name].dtype == torch.bfloat16 and torch.equal(after[name], before[name])
+        assert name + "_scale_inv" not in after
+
+
+def test_qwen3_5_scale_shapes_are_trimmed_per_tensor(tmp_path):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny")
+    out = tmp_path / "out"
+    cli(src, "-o", out, "-q", check=True)
+    t = load_all(out)
+    p = "model.language_model.layers.0"
+    # in_proj_qkv [2*128 + 256, 128] = [512, 128] -> [8, 2]; shared expert gate_proj [192, 128] -> [3, 2];
+    # full-attention q_proj (layer 3) [2*2*64, 128] = [256, 128] -> [4, 2]; MTP q_proj the same.
+    assert list(t[f"{p}.linear_attn.in_proj_qkv.weight_scale_inv"].shape) == [8, 2]
+    assert list(t[f"{p}.mlp.shared_expert.gate_proj.weight_scale_inv"].shape) == [3, 2]
+    assert list(t["model.language_model.layers.3.self_attn.q_proj.weight_scale_inv"].shape) == [4, 2]
+    assert list(t["mtp.layers.0.self_attn.q_proj.weight_scale_inv"].shape) == [4, 2]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "glm5"])
+def test_tiny_family_has_no_unknown_tp_layers(tmp_path, family):
+    if family == "qwen3_5":
+        src = qwen3_5(tmp_path / "Qwen3.6-tiny")
+    else:
+        src = tc.write_checkpoint(tmp_path / "GLM-5-tiny", tc.glm5_tensors(), tc.glm5_config())
+    assert dry_run_json(src)["tp_unknown_weights"] == []
+
+
+def test_glm5_converts_exactly_with_its_indexer(tmp_path):
+    src = tc.write_checkpoint(tmp_path / "GLM-5-tiny", tc.glm5_tensors(), tc.glm5_config(), shards=4)
+    out = tmp_path / "out"
+    result = cli(src, "-o", out, "--verify")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(src, out)
+    t = load_all(out)
+    for i in range(3):            # layers 0, 1 and the MTP layer 2
+        p = f"model.layers.{i}.self_attn.indexer"
+        assert list(t[f"{p}.wq_b.weight_scale_inv"].shape) == [4, 1]     # [256, 64] at 64x64
+        assert list(t[f"{p}.wk.weight_scale_inv"].shape) == [1, 2]       # [64, 128]
+        assert t[f"{p}.weights_proj.weight"].dtype == torch.bfloat16
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "glm_moe_dsa"
+    assert cfg["quantization_config"]["modules_to_not_convert"] == \
+        json.loads((src / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors FP8_BLOCK
+# ---------------------------------------------------------------------------------------------
+
+def compressed(folder: Path, scale_dtype: torch.dtype = torch.bfloat16, **dims) -> Path:
+    tensors, config = tc.to_compressed_tensors(tc.qwen3_moe_tensors(scale_dtype=scale_dtype, **dims),
+                                               tc.qwen3_moe_config(**dims))
+    return tc.write_checkpoint(folder, tensors, config, shards=3)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32], ids=["BF16", "F32"])
+def test_compressed_tensors_fp8_block_converts_bit_exactly(tmp_path, scale_dtype):
+    src = compressed(tmp_path / "Qwen3-30B-A3B-FP8-BLOCK", scale_dtype, hidden=192, moe_intermediate=320)
+    out = tmp_path / "out"
+    result = cli(src, "-o", out, "--verify")
+    assert result.returncode == 0, result.stderr
+    assert f"verified {out}" in result.stdout
+    assert quant_blocks(out) == [("top:group_0", (64, 64))]
+    assert_same_weights(src, out)
+    t = load_all(out)
+    scales = {n: s for n, s in t.items() if n.endswith(".weight_scale")}
+    assert scales and not any(n.endswith("_scale_inv") for n in t)
+    assert all(s.dtype == scale_dtype for s in scales.values())
+    # experts gate_proj [320, 192]: [3, 2] at 128 -> [5, 3] at 64
+    assert list(t["model.layers.0.mlp.experts.0.gate_proj.weight_scale"].shape) == [5, 3]
+
+
+def test_compressed_tensors_config_changes_only_block_structure_and_group_size(tmp_path):
+    src = compressed(tmp_path / "Qwen3-FP8-BLOCK")
+    out = tmp_path / "out"
+    cli(src, "-o", out, "-q", check=True)
+    before_text, after_text = (src / "config.json").read_text(), (out / "config.json").read_text()
+    expected = json.loads(before_text)
+    group = expected["quantization_config"]["config_groups"]["group_0"]
+    group["weights"]["block_structure"] = [64, 64]
+    group["input_activations"]["group_size"] = 64
+    assert json.loads(after_text) == expected
+    assert list(json.loads(after_text)["quantization_config"]) == list(expected["quantization_config"])
+    changed = [(a, b) for a, b in zip(before_text.splitlines(), after_text.splitlines()) if a != b]
+    assert len(before_text.splitlines()) == len(after_text.splitlines())
+    assert sorted(b.strip() for _, b in changed) == ['"group_size": 64,', "64", "64,"]
+
+
+def test_compressed_tensors_dry_run_and_tp_use_weight_scale(tmp_path):
+    src = compressed(tmp_path / "Qwen3-FP8-BLOCK")
+    info = dry_run_json(src)
+    n_scales = sum(1 for n in load_all(src) if n.endswith(".weight_scale"))
+    assert info["scales"] == n_scales > 0
+    assert info["tp_unknown_weights"] == []
+    assert all(ex["tensor"].endswith(".weight_scale") for ex in info["scale_examples"])
+    assert siblings(src) == {src.name}
+
+
+def test_compressed_tensors_in_place_then_restore_gives_back_every_byte(tmp_path):
+    src = compressed(tmp_path / "Qwen3-FP8-BLOCK")
+    reference = compressed(tmp_path / "reference")
+    original = snapshot(src)
+    cli(src, "--in-place", "-q", check=True)
+    assert quant_blocks(src) == [("top:group_0", (64, 64))]
+    assert_same_weights(reference, src)
+    cli(src, "--restore", "-q", check=True)
+    assert snapshot(src) == original
+
+
+@pytest.mark.parametrize("scheme", ["channel", "tensor", "int4-group"])
+def test_other_compressed_tensors_schemes_are_refused_in_one_line(tmp_path, scheme):
+    tensors, config = tc.to_compressed_tensors(tc.qwen3_dense_tensors(), tc.qwen3_dense_config())
+    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    if scheme == "int4-group":
+        weights.update(type="int", num_bits=4, strategy="group", group_size=128, block_structure=None)
+        config["quantization_config"]["format"] = "pack-quantized"
+    else:
+        weights.update(strategy=scheme, block_structure=None)
+    src = tc.write_checkpoint(tmp_path / f"Qwen3-{scheme}", tensors, config, shards=2)
+    assert_refused_in_one_line(src, "config.json", "group_0", "FP8_BLOCK", "not converted")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused: DeepSeek-V4 / V4.1, and block-FP8 mixed with another quantization
+# ---------------------------------------------------------------------------------------------
+
+def test_deepseek_v4_is_refused_in_one_line_saying_why_and_what_works(tmp_path):
+    src = tc.write_checkpoint(tmp_path / "DeepSeek-V4-Flash", tc.deepseek_v4_tensors(), tc.deepseek_v4_config(),
+                              shards=2)
+    line = assert_refused_in_one_line(src, "DeepSeek-V4", "deepseek_v4", "wo_a", "128x128", "expert parallelism",
+                                      "TP at 8")
+    assert "incomplete" not in line and "weight_scale_inv" not in line
+
+
+def test_deepseek_v4_tensors_under_a_v3_config_are_refused_naming_them(tmp_path):
+    # The same tensors with a config that does not say V4 (renamed or hand-edited): the tensors
+    # themselves (`.scale` E8M0 next to FP8 weights, MXFP4 experts packed as I8) give it away.
+    config = tc.deepseek_v3_config()
+    src = tc.write_checkpoint(tmp_path / "V4-as-V3", tc.deepseek_v4_tensors(), config, shards=2)
+    line = assert_refused_in_one_line(src, "another quantization", "Not converted")
+    assert re.search(r"layers\.0\.\S+\.(scale|weight) and \d+ more", line), line
+
+
+def test_deepseek_v41_is_refused(tmp_path):
+    src = tc.write_checkpoint(tmp_path / "DeepSeek-V4.1-Flash", tc.deepseek_v4_tensors(),
+                              tc.deepseek_v4_config(model_type="deepseek_v41"), shards=2)
+    assert_refused_in_one_line(src, "DeepSeek-V4", "deepseek_v41")
+
+
+def test_block_fp8_with_nvfp4_experts_is_refused_naming_the_tensors(tmp_path):
+    # A Qwen3-MoE whose attention is block-FP8 but whose experts are NVFP4 (packed U8 weight,
+    # F8_E4M3 group scales, F32 weight_scale_2 and input_scale): never half-convert it.
+    tensors = tc.qwen3_moe_tensors()
+    mixed = {}
+    for name, t in tensors.items():
+        if ".experts." in name and name.endswith(".weight_scale_inv"):
+            continue
+        if ".experts." in name and name.endswith(".weight"):
+            n, k = t.shape
+            mixed[name] = torch.zeros(n, k // 2, dtype=torch.uint8)
+            mixed[name + "_scale"] = torch.ones(n, k // 16).to(torch.float8_e4m3fn)
+            mixed[name + "_scale_2"] = torch.ones(())
+            mixed[name[: -len("weight")] + "input_scale"] = torch.ones(())
+        else:
+            mixed[name] = t
+    src = tc.write_checkpoint(tmp_path / "Qwen3-mixed-NVFP4", mixed, tc.qwen3_moe_config(), shards=2)
+    assert_refused_in_one_line(src, "model.layers.0.mlp.experts.0.", "another quantization", "Not converted")
