@@ -396,6 +396,22 @@ def read_quant_format(config: object, path: Path) -> QuantFormat:
     return QuantFormat(method, block, tuple(locations))
 
 
+def block_config_problem(path: Path, target: tuple[int, int], locations: tuple[tuple[str, ...], ...]) -> str | None:
+    """Why the config.json at `path` does not declare `target` blocks in every place the input
+    declared its block (checked on its own, not against the planned text), or None."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        fmt = read_quant_format(config, path)
+    except (OSError, ValueError) as e:
+        return f"{path.name}: cannot read its quantization_config ({e})"
+    except ConversionError as e:
+        return str(e)
+    if fmt.block != target or fmt.locations != locations:
+        return (f"{path.name}: declares {block_name(fmt.block)} blocks in {', '.join(map(_location_name, fmt.locations))}; "
+                f"expected {block_name(target)} in {', '.join(map(_location_name, locations))}")
+    return None
+
+
 def read_source_block(config: object, path: Path) -> tuple[int, int]:
     """The block size a config.json declares, after checking it is a block-FP8 checkpoint."""
     return read_quant_format(config, path).block
@@ -593,6 +609,7 @@ class Plan:
     other_files: list[OtherFile]
     fp8_weights: int
     fingerprint: str                # identifies this conversion, for resuming
+    quant_locations: tuple[tuple[str, ...], ...] = ((),)    # where config.json holds quantization_config
 
     @property
     def scale_count(self) -> int:
@@ -996,7 +1013,7 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
     for f in ckpt.others:
         digest.update(f"{f.relpath}:{f.size}".encode())
     return Plan(ckpt.folder, output_dir, source, target, shards, config_text, index_text, ckpt.others,
-                ckpt.fp8_weights, digest.hexdigest())
+                ckpt.fp8_weights, digest.hexdigest(), ckpt.format.locations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2137,6 +2154,9 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
             _verify_other_file(out, item, report, bar.update)
     _verify_json(out / CONFIG_NAME, plan.config_text, report,
                  "differs from the input's config.json with only weight_block_size changed")
+    block_problem = block_config_problem(out / CONFIG_NAME, plan.target_block, plan.quant_locations)
+    if block_problem:
+        report.problems.append(block_problem)
     if plan.index_text is not None:
         _verify_json(out / INDEX_NAME, plan.index_text, report,
                      "weight_map or total_size differ from the input's index and the real tensor sizes")

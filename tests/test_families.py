@@ -387,6 +387,36 @@ def test_qwen3_5_config_keeps_every_character_but_the_block(tmp_path, quant_at):
     assert (out / "config.json").read_text() == expected
 
 
+def test_qwen3_5_in_place_rewrites_both_configs_and_restore_gives_back_every_byte(tmp_path):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny", "both")
+    reference = qwen3_5(tmp_path / "reference", "both")
+    original = snapshot(src)
+    cli(src, "--in-place", "-q", check=True)
+    assert quant_blocks(src) == [("top", (64, 64)), ("text_config", (64, 64))]
+    assert_same_weights(reference, src)
+    cli(src, "--restore", "-q", check=True)
+    assert snapshot(src) == original
+
+
+def test_quantization_config_only_under_text_config_is_not_called_unquantized(tmp_path):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny", "text")
+    info = dry_run_json(src)
+    assert info["source_block"] == [128, 128] and info["scales"] > 0
+
+
+def test_verify_fails_naming_a_nested_quantization_config_left_at_the_old_block(tmp_path):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny", "both")
+    out = tmp_path / "out"
+    cli(src, "-o", out, "-q", check=True)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["quantization_config"]["weight_block_size"] = [128, 128]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    result = cli(src, "-o", out, "--verify")
+    assert result.returncode == 1
+    assert "text_config.quantization_config says fp8 128x128" in result.stderr, result.stderr
+    assert "verified" not in result.stdout
+
+
 def test_disagreeing_quantization_configs_are_refused_naming_both(tmp_path):
     config = tc.qwen3_5_moe_config(quant_at="both")
     config["text_config"]["quantization_config"]["weight_block_size"] = [64, 64]
