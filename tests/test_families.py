@@ -245,6 +245,44 @@ def test_family_tp_table_matches_hand_computed_at_real_sizes(real_families, mode
     assert info["tp_ep"] == tp_ep
 
 
+def step3_5_moe_layer(folder: Path, *, shared: bool) -> Path:
+    """Step-3.5-Flash's MoE layer only (SGLang step3p5.py): routed experts stored stacked as
+    `moe.{gate,up,down}_proj` [288, 1280, 4096] / [288, 4096, 1280], and (if `shared`) the shared
+    expert `share_expert.*` of 1280."""
+    h, inter, experts = 4096, 1280, 288
+    t: dict = {}
+    m = "model.layers.3"
+    add(t, f"{m}.moe.gate_proj", fp8([experts, inter, h], [experts, 10, 32], "BF16"))
+    add(t, f"{m}.moe.up_proj", fp8([experts, inter, h], [experts, 10, 32], "BF16"))
+    add(t, f"{m}.moe.down_proj", fp8([experts, h, inter], [experts, 32, 10], "BF16"))
+    t[f"{m}.moe.gate.weight"] = ("BF16", [experts, h])
+    if shared:
+        for proj, (n, k) in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+            add(t, f"{m}.share_expert.{proj}", fp8b(n, k))
+    config = {"architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5", "hidden_size": h,
+              "moe_intermediate_size": inter, "share_expert_dim": inter, "moe_num_experts": experts,
+              "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [128, 128]}}
+    return write_header_only(folder, [t], config)
+
+
+# 1280: /2 = 640 -> 128, /4 = 320 -> 64, /8 = 160 -> 32, /16 = 80 -> 16, /32 = 40 -> none.
+STEP3_5_TP = {"1": 128, "2": 128, "4": 64, "8": 32, "16": 16, "32": None, "64": None}
+
+
+def test_step3_5_stacked_moe_experts_are_routed_experts_whole_under_ep(tmp_path):
+    info = dry_run_json(step3_5_moe_layer(tmp_path / "Step-3.5-Flash-FP8", shared=False))
+    assert info["tp_unknown_weights"] == []
+    assert info["tp"] == STEP3_5_TP
+    assert set(info["tp_ep"].values()) == {128}
+
+
+def test_step3_5_shared_expert_still_splits_under_ep(tmp_path):
+    info = dry_run_json(step3_5_moe_layer(tmp_path / "Step-3.5-Flash-FP8", shared=True))
+    assert info["tp_unknown_weights"] == []
+    assert info["tp"] == STEP3_5_TP and info["tp_ep"] == STEP3_5_TP
+
+
 def test_family_header_only_checkpoints_are_sparse(real_families):
     for folder in real_families.values():
         for shard in folder.glob("*.safetensors"):
