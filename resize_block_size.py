@@ -836,7 +836,7 @@ MAX_JSON_EDITS = 16                     # occurrences tried in every combination
 def edit_json_text(text: str, key: str, value: object, expected: object) -> str:
     """Replace the value of `key` in JSON `text` in place, keeping every other character.
 
-    Falls back to re-serializing only if no single occurrence gives the `expected` document.
+    Falls back to re-serializing only if no replacement of its occurrences gives `expected`.
 
     >>> edit_json_text('{"a": {"b": [128, 128]}}', "b", [64, 64], {"a": {"b": [64, 64]}})
     '{"a": {"b": [64, 64]}}'
@@ -859,7 +859,7 @@ def edit_json_values(text: str, keys: tuple[str, ...], expected: object) -> str:
     pattern = re.compile(r'"(%s)"(\s*:\s*)(\[[^\[\]]*\]|-?\d+)' % "|".join(re.escape(k) for k in keys))
     edits = []
     for m in pattern.finditer(text):
-        new_value = _value_at_same_place(text, m, expected)
+        new_value = _value_at_same_place(m, expected)
         if new_value is not None:
             edits.append((m.start(3), m.end(3), new_value))
     if len(edits) <= MAX_JSON_EDITS:
@@ -876,7 +876,7 @@ def edit_json_values(text: str, keys: tuple[str, ...], expected: object) -> str:
     return json.dumps(expected, indent=2) + "\n"
 
 
-def _value_at_same_place(text: str, m: re.Match, expected: object) -> str | None:
+def _value_at_same_place(m: re.Match, expected: object) -> str | None:
     """The replacement text for one `"key": value` match: the first value of that key in
     `expected` that differs from the old one, with the old list's spacing kept; None if every
     value of the key in `expected` equals the old one."""
