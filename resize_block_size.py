@@ -2367,6 +2367,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse combinations of options that make no sense, before reading anything."""
+    if not args.input.strip():
+        # Path("") is the current folder: an unset "$VAR" must not convert whatever folder the shell is in.
+        raise ConversionError("INPUT is empty; give the model folder (is the variable holding it unset?)")
     if args.tp is not None and args.block_size is not None:
         raise ConversionError("give --tp or --block-size, not both")
     if (args.tp is not None and args.tp < 1) or args.workers < 1:

@@ -455,6 +455,19 @@ def test_verify_fails_naming_a_nested_quantization_config_left_at_the_old_block(
     assert "verified" not in result.stdout
 
 
+@pytest.mark.parametrize("args", [("",), ("", "--in-place"), ("", "--restore"), (" ", "--dry-run")],
+                         ids=["convert", "in-place", "restore", "blank-dry-run"])
+def test_empty_input_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch, args):
+    src = qwen3_5(tmp_path / "Qwen3.6-tiny")
+    monkeypatch.chdir(src)                          # "$UNSET" would otherwise mean this folder
+    before = snapshot(src)
+    result = cli(*args)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "resize-block-size: error: INPUT is empty; give the model folder " \
+                                    "(is the variable holding it unset?)"
+    assert snapshot(src) == before and siblings(src) == {src.name}
+
+
 def test_disagreeing_quantization_configs_are_refused_naming_both(tmp_path):
     config = tc.qwen3_5_moe_config(quant_at="both")
     config["text_config"]["quantization_config"]["weight_block_size"] = [64, 64]
@@ -581,6 +594,19 @@ def test_compressed_tensors_in_place_then_restore_gives_back_every_byte(tmp_path
     assert_same_weights(reference, src)
     cli(src, "--restore", "-q", check=True)
     assert snapshot(src) == original
+
+
+def test_compressed_tensors_tp_picks_the_block_and_rewrites_group_size_to_match(tmp_path):
+    # Tiny Qwen3-MoE: q_proj rows 3 heads x 64 = 192, experts 64 rows. TP2: 96 and 32 rows per
+    # rank, so 32x32 blocks; the activation group must follow (32).
+    src = compressed(tmp_path / "Qwen3-FP8-BLOCK")
+    result = cli(src, "--tp", 2, "-q")
+    assert result.returncode == 0, result.stderr
+    out = src.with_name(f"{src.name}-Block32x32")
+    assert quant_blocks(out) == [("top:group_0", (32, 32))]
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["input_activations"]["group_size"] == 32
+    assert_same_weights(src, out)
 
 
 @pytest.mark.parametrize("scheme", ["channel", "tensor", "int4-group"])
