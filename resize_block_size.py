@@ -280,15 +280,22 @@ class QuantFormat:
         return CT_SCALE_SUFFIX if self.method == CT_METHOD else SCALE_SUFFIX
 
 
+QUANT_SEARCH_DEPTH = 3                # thinker_config.text_config (Qwen3-Omni) is two levels down
+
+
 def quant_config_locations(config: dict) -> list[tuple[str, ...]]:
     """Key paths of every object holding a quantization_config: () for the top level, then
-    sub-configs such as ("text_config",).
+    sub-configs such as ("text_config",), breadth first, a few levels deep.
 
-    >>> quant_config_locations({"quantization_config": {}, "text_config": {"quantization_config": {}}})
-    [(), ('text_config',)]
+    >>> quant_config_locations({"quantization_config": {}, "text_config": {"quantization_config": {}},
+    ...                         "thinker_config": {"text_config": {"quantization_config": {}}}})
+    [(), ('text_config',), ('thinker_config', 'text_config')]
     """
-    found = [()] if QUANT_KEY in config else []
-    found += [(k,) for k, v in config.items() if isinstance(v, dict) and QUANT_KEY in v]
+    found, level = [], [((), config)]
+    for _ in range(QUANT_SEARCH_DEPTH):
+        found += [path for path, node in level if node.get(QUANT_KEY) is not None]
+        level = [((*path, k), v) for path, node in level for k, v in node.items()
+                 if k != QUANT_KEY and isinstance(v, dict)]
     return found
 
 

@@ -455,6 +455,20 @@ def test_verify_fails_naming_a_nested_quantization_config_left_at_the_old_block(
     assert "verified" not in result.stdout
 
 
+def test_quantization_config_two_levels_down_is_found_and_rewritten(tmp_path):
+    # Qwen3-Omni style: thinker_config.text_config.quantization_config, and a null one at the top.
+    config = tc.qwen3_5_moe_config(quant_at="text")
+    config["thinker_config"] = {"text_config": config.pop("text_config")}
+    config["quantization_config"] = None
+    src = tc.write_checkpoint(tmp_path / "Omni-like", tc.qwen3_5_moe_tensors(), config, shards=2)
+    out = tmp_path / "out"
+    result = cli(src, "-o", out, "--verify")
+    assert result.returncode == 0, result.stderr
+    after = json.loads((out / "config.json").read_text())
+    assert after["thinker_config"]["text_config"]["quantization_config"]["weight_block_size"] == [64, 64]
+    assert after["quantization_config"] is None
+
+
 @pytest.mark.parametrize("args", [("",), ("", "--in-place"), ("", "--restore"), (" ", "--dry-run")],
                          ids=["convert", "in-place", "restore", "blank-dry-run"])
 def test_empty_input_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch, args):
