@@ -3,6 +3,7 @@
 In:  a Hugging Face model folder quantized in blocks (DeepSeek-V3/R1 style): every FP8
      `X.weight` [N, K] has an `X.weight_scale_inv` [ceil(N/bn), ceil(K/bk)] and config.json says
      `quantization_config.weight_block_size: [bn, bk]` (usually [128, 128]).
+     compressed-tensors FP8_BLOCK (`X.weight_scale`, `block_structure`) is converted the same way.
 Out: a new folder where every scale is repeated (bn/bn') x (bk/bk') times and trimmed to
      [ceil(N/bn'), ceil(K/bk')], and config.json says [bn', bk'].  The FP8 bytes are not touched,
      so every weight dequantizes to exactly the same value; only the block grid gets finer, which
