@@ -322,9 +322,9 @@ def _check_not_v4(config: dict, path: Path) -> None:
         for q in [q for q in qcs if isinstance(q, dict)]:
             if q.get("expert_dtype") not in (None, "fp8", "bf16", "bfloat16"):
                 raise _fail(path, f"expert_dtype is {q['expert_dtype']!r}: the routed experts use another "
-                                  "quantization than block-FP8 (DeepSeek-V4 style MXFP4); converting only the FP8 "
-                                  "layers would give a checkpoint no engine serves at the new block. Not converted; "
-                                  "use expert parallelism instead of a higher TP degree")
+                                  "quantization than block-FP8 (DeepSeek-V4 style MXFP4); converting only the "
+                                  "FP8 layers would give a checkpoint no engine serves at the new block. Not "
+                                  "converted; use expert parallelism instead of a higher TP degree")
 
 
 def _fp8_block(qc: dict, path: Path, where: str) -> tuple[int, int]:
@@ -352,7 +352,8 @@ def _compressed_tensors_block(qc: dict, path: Path, where: str) -> tuple[int, in
     for name, group in groups.items():
         weights = group.get("weights") if isinstance(group, dict) else None
         if not isinstance(weights, dict):
-            raise _fail(path, f"{where}: config group {name} has no weights scheme; cannot tell how it is quantized")
+            raise _fail(path, f"{where}: config group {name} has no weights scheme; cannot tell how it is "
+                              "quantized")
         scheme = (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
         fmt = group.get("format") or qc.get("format")
         if scheme != ("float", 8, "block") or fmt not in (None, "float-quantized"):
@@ -397,14 +398,16 @@ def read_quant_format(config: object, path: Path) -> QuantFormat:
             raise _fail(path, f"{where}: quant_method is {method!r}, expected 'fp8' (block-FP8 with "
                               "weight_scale_inv) or 'compressed-tensors' (FP8_BLOCK); not supported")
     if len(set(found)) > 1:
-        described = ", ".join(f"{_location_name(loc)} says {m} {block_name(b)}" for loc, (m, b) in zip(locations, found))
+        described = ", ".join(f"{_location_name(loc)} says {m} {block_name(b)}"
+                              for loc, (m, b) in zip(locations, found))
         raise _fail(path, f"the quantization_config copies disagree ({described}); engines read different ones, "
                           "so it is unclear which is right. Make them agree and re-run")
     method, block = found[0]
     return QuantFormat(method, block, tuple(locations))
 
 
-def block_config_problem(path: Path, target: tuple[int, int], locations: tuple[tuple[str, ...], ...]) -> str | None:
+def block_config_problem(path: Path, target: tuple[int, int],
+                         locations: tuple[tuple[str, ...], ...]) -> str | None:
     """Why the config.json at `path` does not declare `target` blocks in every place the input
     declared its block (checked on its own, not against the planned text), or None."""
     try:
@@ -415,8 +418,9 @@ def block_config_problem(path: Path, target: tuple[int, int], locations: tuple[t
     except ConversionError as e:
         return str(e)
     if fmt.block != target or fmt.locations != locations:
-        return (f"{path.name}: declares {block_name(fmt.block)} blocks in {', '.join(map(_location_name, fmt.locations))}; "
-                f"expected {block_name(target)} in {', '.join(map(_location_name, locations))}")
+        found, wanted = (", ".join(map(_location_name, places)) for places in (fmt.locations, locations))
+        return (f"{path.name}: declares {block_name(fmt.block)} blocks in {found}; "
+                f"expected {block_name(target)} in {wanted}")
     return None
 
 
@@ -733,12 +737,13 @@ def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
                            "block-FP8 (MXFP4/NVFP4 experts, DeepSeek-V4 `.scale` tensors, static or per-tensor "
                            "scales); converting only the block-FP8 layers would leave a checkpoint no engine "
                            "loads at the new block. Not converted")
-    is_scale = (lambda n: n.endswith(suffix)) if suffix == SCALE_SUFFIX else (lambda n: n.endswith(".weight" + suffix))
+    # compressed-tensors' `_scale` also ends kv-cache scales (`k_scale`): only `X.weight_scale` pairs.
+    scale_end = suffix if suffix == SCALE_SUFFIX else ".weight" + suffix
     pairs: dict[str, ScalePair] = {}
     fp8 = 0
     for h in headers:
         for t in h.tensors:
-            if is_scale(t.name):
+            if t.name.endswith(scale_end):
                 weight = where.get(t.name[: -len(suffix)])
                 _check_scale(h.name, t, weight and weight[1], source, suffix)
                 pairs[t.name] = ScalePair(weight[1], t, h.name)
@@ -1039,8 +1044,9 @@ COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_p
                    "g_proj",                                # Step-3.5 head-wise attention gate
                    "linear_fc1"}                            # vision tower / merger MLP
 ROW_PARALLEL = {"o_proj", "down_proj", "w2", "out_proj", "linear_fc2", "proj"}
-REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "eh_proj", "gate", "shared_expert_gate",
-              "wq_b", "wk", "weights_proj", "indexers_proj"}   # the last four: the DSA indexer
+REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "fused_qkv_a_proj_with_mqa", "eh_proj", "gate",
+              "shared_expert_gate",
+              "wq_b", "wk", "weights_proj", "indexers_proj"}   # the DSA indexer (DeepSeek-V3.2, GLM-5)
 KV_PROJ = {"k_proj", "v_proj"}                       # split over min(TP, KV heads)
 # Merged column-parallel weights stored fused: each part is split over the ranks separately
 # (MergedColumnParallelLinear), so each part's rows per rank must be a multiple of the block.
