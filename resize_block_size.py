@@ -997,7 +997,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
     index_text = index_path.read_text(encoding="utf-8") if index_path else None
     return Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8,
-                      list_other_files(folder, skip), quant)
+                      list_other_files(folder, skip), quant=quant)
 
 
 def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Plan:
@@ -2013,7 +2013,7 @@ def load_in_place_state(folder: Path) -> tuple[Checkpoint, tuple[int, int]] | No
     index_text = index_path.read_text(encoding="utf-8") if index_path.exists() else None
     pairs, fp8 = pair_scales(headers, source, quant.scale_suffix)
     ckpt = Checkpoint(folder, config_text, config, source, headers, index_text,
-                      json.loads(index_text) if index_text else None, pairs, fp8, [], quant)
+                      json.loads(index_text) if index_text else None, pairs, fp8, [], quant=quant)
     return ckpt, tuple(run["target_block"])
 
 
