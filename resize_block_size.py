@@ -732,8 +732,9 @@ def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
     mixed = other_quantization(where, suffix)
     if mixed:
         shard, t = where[mixed[0]]
-        more = f" and {len(mixed) - 1} more" if len(mixed) > 1 else ""
-        raise _fail(shard, f"{mixed[0]}{more}: {t.dtype} {list(t.shape)} belongs to another quantization than "
+        more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
+        raise _fail(shard, f"{', '.join(mixed[:3])}{more} ({mixed[0]}: {t.dtype} {list(t.shape)}) belong to "
+                           "another quantization than "
                            "block-FP8 (MXFP4/NVFP4 experts, DeepSeek-V4 `.scale` tensors, static or per-tensor "
                            "scales); converting only the block-FP8 layers would leave a checkpoint no engine "
                            "loads at the new block. Not converted")
