@@ -298,11 +298,12 @@ def test_dry_run_prints_the_qwen3_6_table_without_unknown_layers(real_families):
     assert "unknown" not in result.stdout
 
 
-def test_tp8_on_qwen3_6_names_the_shared_expert_split(real_families):
+def test_tp8_on_qwen3_6_asks_for_64_naming_a_512_wide_expert(real_families):
+    # vLLM #52997: 512 / 8 = 64 rows of an expert (routed or shared) per rank.
     result = cli(real_families["Qwen3.6-35B-A3B"], "--tp", 8, "--dry-run", check=True)
-    assert "TP8 needs 64x64 blocks" in result.stdout
-    assert "64 rows per rank are not a multiple of 128" in result.stdout or \
-        "64 columns per rank are not a multiple of 128" in result.stdout
+    assert re.search(r"TP8 needs 64x64 blocks: model\.language_model\.layers\.\d+\.mlp\.(experts\.\d+|shared_expert)"
+                     r"\.(gate|up|down)_proj\.weight: 64 (rows|columns) per rank are not a multiple of 128",
+                     result.stdout), result.stdout
 
 
 def test_merged_in_proj_qkv_is_split_per_part_not_as_a_whole(tmp_path):
@@ -589,7 +590,7 @@ def test_compressed_tensors_config_changes_only_block_structure_and_group_size(t
     assert sorted(b.strip() for _, b in changed) == ['"group_size": 64,', "64", "64,"]
 
 
-def test_compressed_tensors_dry_run_and_tp_use_weight_scale(tmp_path):
+def test_compressed_tensors_dry_run_counts_weight_scale_tensors(tmp_path):
     src = compressed(tmp_path / "Qwen3-FP8-BLOCK")
     info = dry_run_json(src)
     n_scales = sum(1 for n in load_all(src) if n.endswith(".weight_scale"))
