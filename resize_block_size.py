@@ -3,6 +3,7 @@
 In:  a Hugging Face model folder quantized in blocks (DeepSeek-V3/R1 style): every FP8
      `X.weight` [N, K] has an `X.weight_scale_inv` [ceil(N/bn), ceil(K/bk)] and config.json says
      `quantization_config.weight_block_size: [bn, bk]` (usually [128, 128]).
+     compressed-tensors FP8_BLOCK (`X.weight_scale`, `block_structure`) is converted the same way.
 Out: a new folder where every scale is repeated (bn/bn') x (bk/bk') times and trimmed to
      [ceil(N/bn'), ceil(K/bk')], and config.json says [bn', bk'].  The FP8 bytes are not touched,
      so every weight dequantizes to exactly the same value; only the block grid gets finer, which
@@ -23,6 +24,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -251,28 +253,201 @@ def _read_json_file(path: Path, label: str) -> tuple[str, object]:
         raise _fail(path, f"{label} is not valid JSON ({e}); fix or re-download it")
 
 
-def read_source_block(config: object, path: Path) -> tuple[int, int]:
-    """The block size a config.json declares, after checking it is a block-FP8 checkpoint."""
+# Where engines look for the quantization settings: config.json's top level, and for multimodal
+# wrappers (Qwen3.5/3.6 `...ForConditionalGeneration`) the text model's sub-config. Every copy
+# found is read, checked to agree, and rewritten, so no engine can pick up a stale block size.
+QUANT_KEY = "quantization_config"
+CT_METHOD = "compressed-tensors"
+CT_SCALE_SUFFIX = "_scale"            # compressed-tensors FP8_BLOCK: X.weight + X.weight_scale
+# Families whose block-FP8 layers cannot be served at another block (see read_quant_format).
+V4_MODEL_TYPES = {"deepseek_v4", "deepseek_v41"}
+V4_REFUSAL = ("this is DeepSeek-V4 (model_type {model_type}): its routed experts are MXFP4 and both SGLang and "
+              "vLLM apply the scales of its attention output projection (wo_a) in hard-coded 128x128 tiles, so a "
+              "resized checkpoint fails to load or computes with wrong scales; not converted. Serve it as it is: "
+              "use expert parallelism (--ep / --enable-expert-parallel) instead of a higher TP degree, vLLM's "
+              "shared-expert padding, or cap TP at 8 (V4-Pro)")
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How a checkpoint stores its block scales, as config.json declares it."""
+    method: str                             # "fp8" (DeepSeek style) or "compressed-tensors" (FP8_BLOCK)
+    block: tuple[int, int]
+    locations: tuple[tuple[str, ...], ...]  # key path of the object holding each quantization_config
+
+    @property
+    def scale_suffix(self) -> str:
+        """What the scale of `X.weight` is named after `X.weight`."""
+        return CT_SCALE_SUFFIX if self.method == CT_METHOD else SCALE_SUFFIX
+
+
+QUANT_SEARCH_DEPTH = 3                # thinker_config.text_config (Qwen3-Omni) is two levels down
+
+
+def quant_config_locations(config: dict) -> list[tuple[str, ...]]:
+    """Key paths of every object holding a quantization_config: () for the top level, then
+    sub-configs such as ("text_config",), breadth first, a few levels deep.
+
+    >>> quant_config_locations({"quantization_config": {}, "text_config": {"quantization_config": {}},
+    ...                         "thinker_config": {"text_config": {"quantization_config": {}}}})
+    [(), ('text_config',), ('thinker_config', 'text_config')]
+    """
+    found, level = [], [((), config)]
+    for _ in range(QUANT_SEARCH_DEPTH):
+        found += [path for path, node in level if node.get(QUANT_KEY) is not None]
+        level = [((*path, k), v) for path, node in level for k, v in node.items()
+                 if k != QUANT_KEY and isinstance(v, dict)]
+    return found
+
+
+def _location_name(location: tuple[str, ...]) -> str:
+    return ".".join((*location, QUANT_KEY))
+
+
+def _block_pair(value: object) -> tuple[int, int] | None:
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)):
+        return (value[0], value[1])
+    return None
+
+
+def _check_not_v4(config: dict, path: Path) -> None:
+    """Refuse DeepSeek-V4 / V4.1 by their config before any tensor is looked at."""
+    texts = [config, config.get("text_config")]
+    for c in [c for c in texts if isinstance(c, dict)]:
+        model_type = c.get("model_type")
+        if model_type in V4_MODEL_TYPES:
+            raise _fail(path, V4_REFUSAL.format(model_type=model_type))
+        qcs = [c, c.get(QUANT_KEY)]
+        for q in [q for q in qcs if isinstance(q, dict)]:
+            if q.get("expert_dtype") not in (None, "fp8", "bf16", "bfloat16"):
+                raise _fail(path, f"expert_dtype is {q['expert_dtype']!r}: the routed experts use another "
+                                  "quantization than block-FP8 (DeepSeek-V4 style MXFP4); converting only the "
+                                  "FP8 layers would give a checkpoint no engine serves at the new block. Not "
+                                  "converted; use expert parallelism instead of a higher TP degree")
+
+
+def _fp8_block(qc: dict, path: Path, where: str) -> tuple[int, int]:
+    if "weight_block_size" not in qc or qc["weight_block_size"] is None:
+        raise _fail(path, f"{where} has no weight_block_size: this FP8 checkpoint is not "
+                          "block-quantized, there are no blocks to resize")
+    block = _block_pair(qc["weight_block_size"])
+    if block is None:
+        raise _fail(path, f"weight_block_size is {json.dumps(qc['weight_block_size'])}, expected two positive "
+                          "integers like [128, 128]")
+    return block
+
+
+def _compressed_tensors_block(qc: dict, path: Path, where: str) -> tuple[int, int]:
+    """The block of a compressed-tensors FP8_BLOCK config; refuses every other scheme."""
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise _fail(path, f"{where} (compressed-tensors) has no config_groups, so how it is quantized is unknown; "
+                          "not supported")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise _fail(path, f"{where}: quantization_status is {status!r}, not 'compressed': the weights are not "
+                          "stored as FP8 blocks")
+    blocks = set()
+    for name, group in groups.items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            raise _fail(path, f"{where}: config group {name} has no weights scheme; cannot tell how it is "
+                              "quantized")
+        scheme = (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
+        fmt = group.get("format") or qc.get("format")
+        if scheme != ("float", 8, "block") or fmt not in (None, "float-quantized"):
+            raise _fail(path, f"{where}: config group {name} quantizes weights as {scheme[0]} {scheme[1]}-bit, "
+                              f"strategy {scheme[2]} (format {fmt}): only FP8_BLOCK (float 8-bit, strategy "
+                              "block) has blocks to resize; this checkpoint is not converted")
+        block = _block_pair(weights.get("block_structure"))
+        if block is None:
+            raise _fail(path, f"{where}: config group {name}: block_structure is "
+                              f"{json.dumps(weights.get('block_structure'))}, expected two positive integers")
+        blocks.add(block)
+    if len(blocks) != 1:
+        raise _fail(path, f"{where}: config groups use different blocks {sorted(blocks)}; one block per "
+                          "checkpoint is supported")
+    return blocks.pop()
+
+
+def read_quant_format(config: object, path: Path) -> QuantFormat:
+    """The scale format and block size config.json declares, after checking it is a block-FP8
+    checkpoint; every quantization_config (top level, text_config) must say the same."""
     if not isinstance(config, dict):
         raise _fail(path, "config.json is not a JSON object")
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
+    _check_not_v4(config, path)
+    locations = quant_config_locations(config)
+    if not locations:
         raise _fail(path, "no quantization_config: this model is not quantized, there are no blocks to resize")
-    method = qc.get("quant_method")
-    if method == "compressed-tensors":
-        raise _fail(path, "quant_method is 'compressed-tensors' (llm-compressor FP8_BLOCK, `weight_scale`): "
-                          "not supported; this tool converts quant_method 'fp8' checkpoints with weight_scale_inv")
-    if method != "fp8":
-        raise _fail(path, f"quant_method is {method!r}, expected 'fp8' (block-FP8 with weight_scale_inv); "
-                          "this checkpoint format is not supported")
-    if "weight_block_size" not in qc or qc["weight_block_size"] is None:
-        raise _fail(path, "quantization_config has no weight_block_size: this FP8 checkpoint is not "
-                          "block-quantized, there are no blocks to resize")
-    block = qc["weight_block_size"]
-    if (not isinstance(block, list) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise _fail(path, f"weight_block_size is {json.dumps(block)}, expected two positive integers like [128, 128]")
-    return (block[0], block[1])
+    found: list[tuple[str, tuple[int, int]]] = []
+    for location in locations:
+        where = _location_name(location)
+        qc = config
+        for key in location:
+            qc = qc[key]
+        qc = qc[QUANT_KEY]
+        if not isinstance(qc, dict):
+            raise _fail(path, f"{where} is not a JSON object")
+        method = qc.get("quant_method")
+        if method == "fp8":
+            found.append((method, _fp8_block(qc, path, where)))
+        elif method == CT_METHOD:
+            found.append((method, _compressed_tensors_block(qc, path, where)))
+        else:
+            raise _fail(path, f"{where}: quant_method is {method!r}, expected 'fp8' (block-FP8 with "
+                              "weight_scale_inv) or 'compressed-tensors' (FP8_BLOCK); not supported")
+    if len(set(found)) > 1:
+        described = ", ".join(f"{_location_name(loc)} says {m} {block_name(b)}"
+                              for loc, (m, b) in zip(locations, found))
+        raise _fail(path, f"the quantization_config copies disagree ({described}); engines read different ones, "
+                          "so it is unclear which is right. Make them agree and re-run")
+    method, block = found[0]
+    return QuantFormat(method, block, tuple(locations))
+
+
+def block_config_problem(path: Path, target: tuple[int, int],
+                         locations: tuple[tuple[str, ...], ...]) -> str | None:
+    """Why the config.json at `path` does not declare `target` blocks in every place the input
+    declared its block (checked on its own, not against the planned text), or None."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        fmt = read_quant_format(config, path)
+    except (OSError, ValueError) as e:
+        return f"{path.name}: cannot read its quantization_config ({e})"
+    except ConversionError as e:
+        return str(e)
+    if fmt.block != target or fmt.locations != locations:
+        found, wanted = (", ".join(map(_location_name, places)) for places in (fmt.locations, locations))
+        return (f"{path.name}: declares {block_name(fmt.block)} blocks in {found}; "
+                f"expected {block_name(target)} in {wanted}")
+    return None
+
+
+def read_source_block(config: object, path: Path) -> tuple[int, int]:
+    """The block size a config.json declares, after checking it is a block-FP8 checkpoint."""
+    return read_quant_format(config, path).block
+
+
+def new_block_config(config: dict, fmt: QuantFormat, target: tuple[int, int]) -> dict:
+    """A copy of `config` with every quantization_config set to `target` blocks: fp8's
+    weight_block_size; compressed-tensors' block_structure of every block group, and the
+    activation group_size (engines derive the activation group from the block's K edge)."""
+    new = json.loads(json.dumps(config))
+    for location in fmt.locations:
+        holder = new
+        for key in location:
+            holder = holder[key]
+        qc = holder[QUANT_KEY]
+        if fmt.method == "fp8":
+            qc["weight_block_size"] = list(target)
+            continue
+        for group in qc["config_groups"].values():
+            group["weights"]["block_structure"] = list(target)
+            act = group.get("input_activations")
+            if isinstance(act, dict) and act.get("strategy") == "group":
+                act["group_size"] = target[1]
+    return new
 
 
 def read_shard_header(path: Path, name: str) -> ShardHeader:
@@ -446,6 +621,7 @@ class Plan:
     other_files: list[OtherFile]
     fp8_weights: int
     fingerprint: str                # identifies this conversion, for resuming
+    quant_locations: tuple[tuple[str, ...], ...] = ((),)    # where config.json holds quantization_config
 
     @property
     def scale_count(self) -> int:
@@ -517,8 +693,33 @@ class ScalePair:
     scale_shard: str
 
 
-def pair_scales(headers: list[ShardHeader], source: tuple[int, int]) -> tuple[dict[str, ScalePair], int]:
-    """Match every `X_scale_inv` with `X`, across shards, and check both shapes for `source` blocks.
+# Tensors that belong to a quantization other than block-FP8 (MXFP4/NVFP4 experts, per-tensor or
+# static scales). A checkpoint holding any of them is refused as a whole: converting only its
+# block-FP8 layers would give a checkpoint whose other layers no longer match its config.
+OTHER_QUANT_SUFFIXES = (".weight_scale_2", ".weight_global_scale", ".input_global_scale", ".weight_packed",
+                        ".input_scale", ".weight_zero_point", ".weight_g_idx")
+PACKED_DTYPES = {"I8", "U8", "F4"}
+
+
+def other_quantization(where: dict[str, tuple[str, TensorEntry]], suffix: str) -> list[str]:
+    """Names of the tensors that show another quantization than block-FP8 with `suffix` scales:
+    DeepSeek-V4 style `X.scale` (E8M0, MXFP4 experts packed as I8), NVFP4 second-level scales,
+    static input scales, integer weights that carry a scale."""
+    found = []
+    for name, (_, t) in where.items():
+        if name.endswith(OTHER_QUANT_SUFFIXES):
+            found.append(name)
+        elif name.endswith(".scale") and name[: -len(".scale")] + ".weight" in where:
+            found.append(name)
+        elif t.dtype in PACKED_DTYPES and any(name + s in where for s in (suffix, SCALE_SUFFIX, CT_SCALE_SUFFIX)):
+            found.append(name)
+    return sorted(found)
+
+
+def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
+                suffix: str = SCALE_SUFFIX) -> tuple[dict[str, ScalePair], int]:
+    """Match every `X` + `suffix` scale (`X.weight_scale_inv`, or compressed-tensors'
+    `X.weight_scale`) with `X`, across shards, and check both shapes for `source` blocks.
 
     Returns the pairs by scale name and the number of FP8 weights.
     """
@@ -528,28 +729,43 @@ def pair_scales(headers: list[ShardHeader], source: tuple[int, int]) -> tuple[di
             if t.name in where:
                 raise _fail(h.name, f"{t.name}: also stored in {where[t.name][0]}; a tensor must be in one shard")
             where[t.name] = (h.name, t)
+    mixed = other_quantization(where, suffix)
+    if mixed:
+        shard, t = where[mixed[0]]
+        more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
+        raise _fail(shard, f"{', '.join(mixed[:3])}{more} ({mixed[0]}: {t.dtype} {list(t.shape)}) belong to "
+                           "another quantization than "
+                           "block-FP8 (MXFP4/NVFP4 experts, DeepSeek-V4 `.scale` tensors, static or per-tensor "
+                           "scales); converting only the block-FP8 layers would leave a checkpoint no engine "
+                           "loads at the new block. Not converted")
+    # compressed-tensors' `_scale` also ends kv-cache scales (`k_scale`): only `X.weight_scale` pairs.
+    scale_end = suffix if suffix == SCALE_SUFFIX else ".weight" + suffix
     pairs: dict[str, ScalePair] = {}
     fp8 = 0
     for h in headers:
         for t in h.tensors:
-            if t.name.endswith(SCALE_SUFFIX):
-                weight = where.get(t.name[: -len(SCALE_SUFFIX)])
-                _check_scale(h.name, t, weight and weight[1], source)
+            if t.name.endswith(scale_end):
+                weight = where.get(t.name[: -len(suffix)])
+                _check_scale(h.name, t, weight and weight[1], source, suffix)
                 pairs[t.name] = ScalePair(weight[1], t, h.name)
             elif t.dtype in FP8_DTYPES:
                 fp8 += 1
-                if t.name + SCALE_SUFFIX not in where:
-                    hint = (" (found a compressed-tensors style `_scale` instead)"
-                            if t.name + "_scale" in where else "")
-                    raise _fail(h.name, f"{t.name}: FP8 tensor without {t.name + SCALE_SUFFIX}{hint}; "
+                if t.name + suffix not in where:
+                    other = CT_SCALE_SUFFIX if suffix == SCALE_SUFFIX else SCALE_SUFFIX
+                    hint = ""
+                    if t.name + other in where:
+                        hint = (" (found a compressed-tensors style `_scale` instead)" if other == CT_SCALE_SUFFIX
+                                else " (found a DeepSeek style `_scale_inv` instead)")
+                    raise _fail(h.name, f"{t.name}: FP8 tensor without {t.name + suffix}{hint}; "
                                         "cannot resize its blocks, the checkpoint is incomplete or not block-FP8")
     return pairs, fp8
 
 
-def _check_scale(shard: str, scale: TensorEntry, w: TensorEntry | None, source: tuple[int, int]) -> None:
+def _check_scale(shard: str, scale: TensorEntry, w: TensorEntry | None, source: tuple[int, int],
+                 suffix: str = SCALE_SUFFIX) -> None:
     name = scale.name
     if w is None:
-        raise _fail(shard, f"{name}: scale without its weight {name[: -len(SCALE_SUFFIX)]}; "
+        raise _fail(shard, f"{name}: scale without its weight {name[: -len(suffix)]}; "
                            "the checkpoint is incomplete or renamed")
     if w.dtype not in FP8_DTYPES:
         raise _fail(shard, f"{name}: its weight {w.name} is {w.dtype}, not FP8; refusing to guess what it means")
@@ -626,29 +842,84 @@ def _aligned_span(run: CopyRun) -> tuple[int, int]:
     return (head, length) if length > 0 else (0, 0)
 
 
+# The keys a block resize changes in config.json (fp8; compressed-tensors weights and activations).
+BLOCK_KEYS = ("weight_block_size", "block_structure", "group_size")
+MAX_JSON_EDITS = 16                     # occurrences tried in every combination: 2^16 parses at most
+
+
 def edit_json_text(text: str, key: str, value: object, expected: object) -> str:
     """Replace the value of `key` in JSON `text` in place, keeping every other character.
 
-    Falls back to re-serializing only if no single occurrence gives the `expected` document.
+    Falls back to re-serializing only if no replacement of its occurrences gives `expected`.
 
     >>> edit_json_text('{"a": {"b": [128, 128]}}', "b", [64, 64], {"a": {"b": [64, 64]}})
     '{"a": {"b": [64, 64]}}'
     """
-    pattern = re.compile(r'("%s"\s*:\s*)(\[[^\[\]]*\]|-?\d+)' % re.escape(key))
+    return edit_json_values(text, (key,), expected)
+
+
+def edit_json_values(text: str, keys: tuple[str, ...], expected: object) -> str:
+    """Turn JSON `text` into the `expected` document by replacing values of `keys` (numbers or
+    flat lists of numbers) where they occur, keeping every other character: each occurrence may
+    sit at another path (top level, text_config, each config group), so the combination of
+    occurrences whose replacement gives `expected` is searched. Falls back to re-serializing.
+
+    >>> edit_json_values('{"a": {"b": [128,128]}, "c": {"b": [128,128], "g": 128}}', ("b", "g"),
+    ...                  {"a": {"b": [64, 64]}, "c": {"b": [64, 64], "g": 64}})
+    '{"a": {"b": [64,64]}, "c": {"b": [64,64], "g": 64}}'
+    """
+    if json.loads(text) == expected:
+        return text
+    pattern = re.compile(r'"(%s)"(\s*:\s*)(\[[^\[\]]*\]|-?\d+)' % "|".join(re.escape(k) for k in keys))
+    edits = []
     for m in pattern.finditer(text):
-        old = m.group(2)
-        if isinstance(value, list) and old.startswith("["):
-            numbers = iter(value)
-            new = re.sub(r"-?\d+", lambda _: str(next(numbers)), old, count=len(value))
-        else:
-            new = json.dumps(value)
-        candidate = text[: m.start(2)] + new + text[m.end(2):]
-        try:
-            if json.loads(candidate) == expected:
-                return candidate
-        except ValueError:
-            pass
+        new_value = _value_at_same_place(m, expected)
+        if new_value is not None:
+            edits.append((m.start(3), m.end(3), new_value))
+    if len(edits) <= MAX_JSON_EDITS:
+        for count in range(1, len(edits) + 1):
+            for chosen in itertools.combinations(edits, count):
+                candidate = text
+                for start, end, new in sorted(chosen, reverse=True):
+                    candidate = candidate[:start] + new + candidate[end:]
+                try:
+                    if json.loads(candidate) == expected:
+                        return candidate
+                except ValueError:
+                    pass
     return json.dumps(expected, indent=2) + "\n"
+
+
+def _value_at_same_place(m: re.Match, expected: object) -> str | None:
+    """The replacement text for one `"key": value` match: the first value of that key in
+    `expected` that differs from the old one, with the old list's spacing kept; None if every
+    value of the key in `expected` equals the old one."""
+    old_text = m.group(3)
+    try:
+        old = json.loads(old_text)
+    except ValueError:
+        return None
+    for value in _values_of(expected, m.group(1)):
+        if value == old or type(value) is not type(old) or (isinstance(value, list) and len(value) != len(old)):
+            continue
+        if isinstance(value, list):
+            numbers = iter(value)
+            return re.sub(r"-?\d+", lambda _: str(next(numbers)), old_text, count=len(value))
+        return json.dumps(value)
+    return None
+
+
+def _values_of(doc: object, key: str) -> list[object]:
+    """Every value stored under `key` anywhere in a JSON document."""
+    found, todo = [], [doc]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            found += [v for k, v in node.items() if k == key]
+            todo += node.values()
+        elif isinstance(node, list):
+            todo += node
+    return found
 
 
 def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
@@ -694,6 +965,11 @@ class Checkpoint:
     pairs: dict[str, ScalePair]     # by scale name
     fp8_weights: int
     others: list[OtherFile]
+    quant: QuantFormat | None = None    # None: DeepSeek-style fp8 at the top level (older records)
+
+    @property
+    def format(self) -> QuantFormat:
+        return self.quant or QuantFormat("fp8", self.source_block, ((),))
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
@@ -708,7 +984,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         raise _fail(folder, "has no config.json; give the Hugging Face model folder (the one with config.json "
                             "and the .safetensors shards)")
     config_text, config = _read_json_file(config_path, CONFIG_NAME)
-    source = read_source_block(config, config_path)
+    quant = read_quant_format(config, config_path)
+    source = quant.block
     names, index, index_path = find_shards(folder)
     headers = [read_shard_header(folder / n, n) for n in names]
     if index is not None:
@@ -717,11 +994,11 @@ def read_checkpoint(folder: Path) -> Checkpoint:
             if tensor not in held.get(shard, ()):
                 raise _fail(INDEX_NAME, f"{tensor}: the index puts it in {shard}, which does not hold it; "
                                         "the index does not match the shards")
-    pairs, fp8 = pair_scales(headers, source)
+    pairs, fp8 = pair_scales(headers, source, quant.scale_suffix)
     skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
     index_text = index_path.read_text(encoding="utf-8") if index_path else None
     return Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8,
-                      list_other_files(folder, skip))
+                      list_other_files(folder, skip), quant=quant)
 
 
 def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Plan:
@@ -733,9 +1010,8 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
                for name, p in ckpt.pairs.items()}
     shards = [plan_shard(h, resizes) for h in ckpt.headers]
 
-    new_config = json.loads(ckpt.config_text)
-    new_config["quantization_config"]["weight_block_size"] = list(target)
-    config_text = edit_json_text(ckpt.config_text, "weight_block_size", list(target), new_config)
+    new_config = new_block_config(json.loads(ckpt.config_text), ckpt.format, target)
+    config_text = edit_json_values(ckpt.config_text, BLOCK_KEYS, new_config)
     index_text = ckpt.index_text
     meta = ckpt.index.get("metadata") if ckpt.index is not None else None
     if isinstance(meta, dict) and "total_size" in meta:
@@ -751,7 +1027,7 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
     for f in ckpt.others:
         digest.update(f"{f.relpath}:{f.size}".encode())
     return Plan(ckpt.folder, output_dir, source, target, shards, config_text, index_text, ckpt.others,
-                ckpt.fp8_weights, digest.hexdigest())
+                ckpt.fp8_weights, digest.hexdigest(), ckpt.format.locations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,13 +1036,60 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
 
 TP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 BLOCK_EDGES = (128, 64, 32, 16)
-# How SGLang and vLLM shard each projection (by the module name before `.weight`).
+# How SGLang and vLLM shard each projection (by the module name before `.weight`), read from their
+# model files: DeepSeek-V2/V3 and GLM-5 (deepseek_v2.py, glm4_moe.py), Qwen3 / Qwen3-Next /
+# Qwen3.5-3.6 (qwen3_moe.py, qwen3_next.py, qwen3_5.py, gdn_linear_attn.py), MiniMax-M2, Step-3.5.
 COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_proj",
-                   "gate_proj", "up_proj", "gate_up_proj", "w1", "w3"}
-ROW_PARALLEL = {"o_proj", "down_proj", "w2", "out_proj"}
-REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "eh_proj", "gate",
-              "wq_b", "wk", "weights_proj"}          # the last three: DeepSeek-V3.2's indexer
+                   "gate_proj", "up_proj", "w1", "w3",
+                   "in_proj_z", "in_proj_a", "in_proj_b",   # Qwen3.5/3.6 gated delta net
+                   "g_proj",                                # Step-3.5 head-wise attention gate
+                   "linear_fc1"}                            # vision tower / merger MLP
+ROW_PARALLEL = {"o_proj", "down_proj", "w2", "out_proj", "linear_fc2", "proj"}
+REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa", "fused_qkv_a_proj_with_mqa", "eh_proj", "gate",
+              "shared_expert_gate",
+              "wq_b", "wk", "weights_proj", "indexers_proj"}   # the DSA indexer (DeepSeek-V3.2, GLM-5)
 KV_PROJ = {"k_proj", "v_proj"}                       # split over min(TP, KV heads)
+# Merged column-parallel weights stored fused: each part is split over the ranks separately
+# (MergedColumnParallelLinear), so each part's rows per rank must be a multiple of the block.
+MERGED_PARTS = {
+    "gate_up_proj": lambda d, rows: (rows // 2, rows // 2),
+    "in_proj_qkv": lambda d, rows: d.key_dim and (d.key_dim, d.key_dim, d.value_dim),        # Qwen3.5/3.6
+    "in_proj_qkvz": lambda d, rows: d.key_dim and (d.key_dim, d.key_dim, d.value_dim, d.value_dim),  # Qwen3-Next
+    "in_proj_ba": lambda d, rows: (rows // 2, rows // 2),
+    "qkv": lambda d, rows: (rows // 3,) * 3,                                                # vision attention
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The config dims the split rules need (from text_config for multimodal checkpoints)."""
+    kv_heads: int | None = None
+    key_dim: int | None = None      # linear attention: key heads x key head dim
+    value_dim: int | None = None    # linear attention: value heads x value head dim
+
+
+def _positive(c: dict, key: str) -> int | None:
+    v = c.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def model_dims(config: dict) -> ModelDims:
+    """ModelDims of a config.json, looking in text_config first (multimodal wrappers).
+
+    >>> model_dims({"text_config": {"num_key_value_heads": 2, "linear_num_key_heads": 16,
+    ...     "linear_key_head_dim": 128, "linear_num_value_heads": 32, "linear_value_head_dim": 128}})
+    ModelDims(kv_heads=2, key_dim=2048, value_dim=4096)
+    """
+    texts = [c for c in (config.get("text_config"), config) if isinstance(c, dict)]
+
+    def first(key: str) -> int | None:
+        return next((v for c in texts if (v := _positive(c, key))), None)
+
+    key_heads, key_dim = first("linear_num_key_heads"), first("linear_key_head_dim")
+    value_heads, value_dim = first("linear_num_value_heads"), first("linear_value_head_dim")
+    linear = key_heads and key_dim and value_heads and value_dim
+    return ModelDims(_kv_heads(config), key_heads * key_dim if linear else None,
+                     value_heads * value_dim if linear else None)
 
 
 @dataclass(frozen=True)
@@ -777,22 +1100,42 @@ class SplitRule:
     max_ways: int | None = None     # KV heads: the engines replicate them beyond this many ranks
     expert: bool = False            # a routed expert: not split under expert parallelism
     known: bool = True
+    parts: tuple[int, ...] = ()     # a merged column-parallel weight: the rows of each part
 
 
-def split_rule(name: str, kv_heads: int | None = None) -> SplitRule:
-    """How tensor parallelism splits the weight `name`.
+def _is_routed_expert(name: str, leaf: str) -> bool:
+    if ".experts." in name and ".shared_experts." not in name:
+        return True
+    # Step-3.5 stores its routed experts stacked, [E, N, K], as `moe.{gate,up,down}_proj`.
+    return ".moe." in name and leaf in {"gate_proj", "up_proj", "down_proj"}
+
+
+def split_rule(name: str, kv_heads: int | None = None, dims: ModelDims | None = None,
+               shape: tuple[int, ...] = ()) -> SplitRule:
+    """How tensor parallelism splits the weight `name` (of `shape`, needed for merged weights).
 
     >>> split_rule("model.layers.3.mlp.experts.7.down_proj.weight")
-    SplitRule(rows=False, cols=True, max_ways=None, expert=True, known=True)
+    SplitRule(rows=False, cols=True, max_ways=None, expert=True, known=True, parts=())
+    >>> split_rule("model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+    ...            dims=ModelDims(2, 2048, 4096), shape=(8192, 2048)).parts
+    (2048, 2048, 4096)
     """
+    dims = dims or ModelDims(kv_heads)
+    kv_heads = kv_heads or dims.kv_heads
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
-    expert = ".experts." in name and ".shared_experts." not in name
+    expert = _is_routed_expert(name, leaf)
+    if leaf in MERGED_PARTS:
+        rows = shape[-2] if len(shape) >= 2 else 0
+        merged = MERGED_PARTS[leaf](dims, rows)
+        if not merged or sum(merged) != rows:      # dims missing from config.json, or another layout
+            return SplitRule(True, True, None, expert, known=False)
+        return SplitRule(True, False, None, expert, parts=tuple(merged))
     if leaf in COLUMN_PARALLEL:
         return SplitRule(True, False, kv_heads if leaf in KV_PROJ else None, expert)
     if leaf in ROW_PARALLEL:
         return SplitRule(False, True, None, expert)
-    if leaf in REPLICATED:
+    if leaf in REPLICATED or (leaf == "fc" and name.startswith("mtp.")):   # Qwen3.5 MTP fc: nn.Linear
         return SplitRule(False, False, None, expert)
     return SplitRule(True, True, None, expert, known=False)
 
@@ -805,6 +1148,8 @@ def split_failure(shape: tuple[int, ...], rule: SplitRule, tp: int, ep: bool,
     '576 rows per rank are not a multiple of 128'
     >>> split_failure((18432, 7168), SplitRule(True, False), 32, False, (64, 64)) is None
     True
+    >>> split_failure((8192, 2048), SplitRule(True, False, parts=(2048, 2048, 4096)), 64, False, (64, 64))
+    'part 1 of 3 (2048 rows): 32 rows per rank are not a multiple of 64'
     """
     if rule.expert and ep:
         return None
@@ -812,10 +1157,12 @@ def split_failure(shape: tuple[int, ...], rule: SplitRule, tp: int, ep: bool,
     for split, size, edge, what in ((rule.rows, shape[-2], block[0], "rows"), (rule.cols, shape[-1], block[1], "columns")):
         if not split:
             continue
-        if size % ways:
-            return f"{size} {what} do not split evenly over {ways} ranks"
-        if (size // ways) % edge:
-            return f"{size // ways} {what} per rank are not a multiple of {edge}"
+        for i, part in enumerate(rule.parts if what == "rows" and rule.parts else (size,)):
+            label = f"part {i + 1} of {len(rule.parts)} ({part} rows): " if what == "rows" and rule.parts else ""
+            if part % ways:
+                return f"{label}{part} {what} do not split evenly over {ways} ranks"
+            if (part // ways) % edge:
+                return f"{label}{part // ways} {what} per rank are not a multiple of {edge}"
     return None
 
 
@@ -857,11 +1204,11 @@ class TPAdvice:
 
 def advise_tp(ckpt: Checkpoint) -> TPAdvice:
     """Collect every FP8 weight's split rule (distinct shapes only: 90k tensors, ~20 kinds)."""
-    kv_heads = _kv_heads(ckpt.config)
+    dims = model_dims(ckpt.config)
     weights: dict[tuple[tuple[int, ...], SplitRule], str] = {}
     unknown: list[str] = []
     for pair in ckpt.pairs.values():
-        rule = split_rule(pair.weight.name, kv_heads)
+        rule = split_rule(pair.weight.name, dims=dims, shape=pair.weight.shape)
         if not rule.known:
             unknown.append(pair.weight.name)
         weights.setdefault((pair.weight.shape, rule), pair.weight.name)
@@ -1659,14 +2006,15 @@ def load_in_place_state(folder: Path) -> tuple[Checkpoint, tuple[int, int]] | No
         raise _fail(state, "is not an in-place conversion record of this tool; remove it or move it away")
     config_text = (state / "original" / CONFIG_NAME).read_text(encoding="utf-8")
     config = json.loads(config_text)
-    source = read_source_block(config, state / "original" / CONFIG_NAME)
+    quant = read_quant_format(config, state / "original" / CONFIG_NAME)
+    source = quant.block
     headers = [parse_shard_header(folder / name, name, size, (state / "original/headers" / name).read_bytes())
                for name, size in sorted(run["shards"].items())]
     index_path = state / "original" / INDEX_NAME
     index_text = index_path.read_text(encoding="utf-8") if index_path.exists() else None
-    pairs, fp8 = pair_scales(headers, source)
+    pairs, fp8 = pair_scales(headers, source, quant.scale_suffix)
     ckpt = Checkpoint(folder, config_text, config, source, headers, index_text,
-                      json.loads(index_text) if index_text else None, pairs, fp8, [])
+                      json.loads(index_text) if index_text else None, pairs, fp8, [], quant=quant)
     return ckpt, tuple(run["target_block"])
 
 
@@ -1821,6 +2169,9 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
             _verify_other_file(out, item, report, bar.update)
     _verify_json(out / CONFIG_NAME, plan.config_text, report,
                  "differs from the input's config.json with only weight_block_size changed")
+    block_problem = block_config_problem(out / CONFIG_NAME, plan.target_block, plan.quant_locations)
+    if block_problem:
+        report.problems.append(block_problem)
     if plan.index_text is not None:
         _verify_json(out / INDEX_NAME, plan.index_text, report,
                      "weight_map or total_size differ from the input's index and the real tensor sizes")
@@ -2031,6 +2382,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse combinations of options that make no sense, before reading anything."""
+    if not args.input.strip():
+        # Path("") is the current folder: an unset "$VAR" must not convert whatever folder the shell is in.
+        raise ConversionError("INPUT is empty; give the model folder (is the variable holding it unset?)")
     if args.tp is not None and args.block_size is not None:
         raise ConversionError("give --tp or --block-size, not both")
     if (args.tp is not None and args.tp < 1) or args.workers < 1:

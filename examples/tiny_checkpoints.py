@@ -1,7 +1,8 @@
 """Tiny but realistic block-FP8 checkpoints for tests and examples.
 
-Builds DeepSeek-V3 (and V3.1 / Kimi-K2), Qwen3-FP8 (MoE and dense) and MiniMax-M2 style
-checkpoints: real tensor names, real dtypes (FP8 e4m3 weights + ``weight_scale_inv`` in
+Builds DeepSeek-V3 (and V3.1 / Kimi-K2), Qwen3-FP8 (MoE and dense), MiniMax-M2, Qwen3.5/3.6
+(multimodal, hybrid attention), GLM-5 (DSA indexer), compressed-tensors FP8_BLOCK and (to be
+refused) DeepSeek-V4 style checkpoints: real tensor names, real dtypes (FP8 e4m3 weights + ``weight_scale_inv`` in
 F32/BF16/F16, BF16 embeddings/norms/routers, F32 ``e_score_correction_bias``) and real
 config.json shapes, at a few hundred KB. Every FP8 weight is a genuine block quantization of a
 seeded random BF16 weight, so ``dequantize_block_fp8`` recovers it to FP8 accuracy.
@@ -34,6 +35,8 @@ __all__ = [
     "deepseek_v3_tensors", "deepseek_v3_config", "kimi_k2_tensors", "kimi_k2_config",
     "qwen3_moe_tensors", "qwen3_moe_config", "qwen3_dense_tensors", "qwen3_dense_config",
     "minimax_m2_tensors", "minimax_m2_config",
+    "qwen3_5_moe_tensors", "qwen3_5_moe_config", "glm5_tensors", "glm5_config",
+    "to_compressed_tensors", "deepseek_v4_tensors", "deepseek_v4_config",
     "write_checkpoint", "default_extra_files",
 ]
 
@@ -562,6 +565,276 @@ def minimax_m2_config(*, block: Block = (128, 128), **dims: Any) -> dict[str, An
             block, fmt="float8_e4m3fn",
             modules_to_not_convert=["gate", "e_score_correction_bias", "lm_head"]),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# 2026 families: Qwen3.5/3.6 (hybrid attention, multimodal), GLM-5 (DSA indexer),
+# compressed-tensors FP8_BLOCK, and DeepSeek-V4 (which the converter refuses)
+
+
+def qwen3_5_moe_tensors(
+    *,
+    hidden: int = 128,
+    num_layers: int = 4,
+    full_attention_interval: int = 4,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    head_dim: int = 64,
+    linear_key_heads: int = 2,
+    linear_key_head_dim: int = 64,
+    linear_value_heads: int = 4,
+    linear_value_head_dim: int = 64,
+    conv_kernel: int = 4,
+    n_experts: int = 4,
+    moe_intermediate: int = 64,
+    shared_intermediate: int = 192,
+    mtp: bool = True,
+    vision_hidden: int = 64,
+    vision_intermediate: int = 192,
+    vision_depth: int = 2,
+    vocab: int = 16,
+    block: Block = (128, 128),
+    scale_dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    fp8: bool = True,
+    power_of_two_scales: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tiny Qwen3.5/3.6-MoE-FP8 (``Qwen3_5MoeForConditionalGeneration``): text layers under
+    ``model.language_model.layers.N``, gated-delta-net linear attention in three of every four
+    layers (FP8 ``linear_attn.in_proj_qkv`` [2*key_dim + value_dim, H], ``in_proj_z``,
+    ``out_proj``; BF16 ``in_proj_a/b``, ``conv1d``, ``A_log``, ``dt_bias``, ``norm``), full
+    attention with the output gate (``q_proj`` 2x wide) in the others, routed experts plus the
+    singular ``mlp.shared_expert`` and BF16 ``mlp.shared_expert_gate``, one ``mtp.layers.0``
+    layer with BF16 ``mtp.fc``, and a vision tower whose first block's attention is FP8 and
+    the rest BF16 (as listed in ``modules_to_not_convert``). BF16 scales.
+    """
+    b = _Builder(block=block, scale_dtype=scale_dtype, seed=seed, fp8=fp8,
+                 power_of_two_scales=power_of_two_scales)
+    key_dim = linear_key_heads * linear_key_head_dim
+    value_dim = linear_value_heads * linear_value_head_dim
+
+    def full_attn(p: str) -> None:
+        b.linear(f"{p}.q_proj", 2 * num_heads * head_dim, hidden)   # query and output gate
+        b.linear(f"{p}.k_proj", num_kv_heads * head_dim, hidden)
+        b.linear(f"{p}.v_proj", num_kv_heads * head_dim, hidden)
+        b.linear(f"{p}.o_proj", hidden, num_heads * head_dim)
+        b.norm(f"{p}.q_norm.weight", head_dim)
+        b.norm(f"{p}.k_norm.weight", head_dim)
+
+    def linear_attn(p: str) -> None:
+        b.linear(f"{p}.in_proj_qkv", 2 * key_dim + value_dim, hidden)
+        b.linear(f"{p}.in_proj_z", value_dim, hidden)
+        b.bf16(f"{p}.in_proj_b.weight", linear_value_heads, hidden)
+        b.bf16(f"{p}.in_proj_a.weight", linear_value_heads, hidden)
+        b.bf16(f"{p}.conv1d.weight", 2 * key_dim + value_dim, 1, conv_kernel)
+        b.bias_f32(f"{p}.A_log", linear_value_heads)
+        b.bf16(f"{p}.dt_bias", linear_value_heads, std=1.0)
+        b.norm(f"{p}.norm.weight", linear_value_head_dim)
+        b.linear(f"{p}.out_proj", hidden, value_dim)
+
+    def moe(p: str) -> None:
+        b.router(p, n_experts, hidden, bias=None)
+        b.experts(p, n_experts, hidden, moe_intermediate)
+        b.mlp(f"{p}.shared_expert", hidden, shared_intermediate)
+        b.bf16(f"{p}.shared_expert_gate.weight", 1, hidden)
+
+    def layer(p: str, full: bool) -> None:
+        b.norm(f"{p}.input_layernorm.weight", hidden)
+        full_attn(f"{p}.self_attn") if full else linear_attn(f"{p}.linear_attn")
+        b.norm(f"{p}.post_attention_layernorm.weight", hidden)
+        moe(f"{p}.mlp")
+
+    b.bf16("model.language_model.embed_tokens.weight", vocab, hidden)
+    for i in range(num_layers):
+        layer(f"model.language_model.layers.{i}", (i + 1) % full_attention_interval == 0)
+    b.norm("model.language_model.norm.weight", hidden)
+    b.bf16("lm_head.weight", vocab, hidden)
+    if mtp:
+        b.bf16("mtp.fc.weight", hidden, 2 * hidden)
+        b.norm("mtp.pre_fc_norm_embedding.weight", hidden)
+        b.norm("mtp.pre_fc_norm_hidden.weight", hidden)
+        layer("mtp.layers.0", True)
+        b.norm("mtp.norm.weight", hidden)
+    v = "model.visual"
+    b.bf16(f"{v}.patch_embed.proj.weight", vision_hidden, 3, 2, 4, 4)
+    b.bf16(f"{v}.pos_embed.weight", 16, vision_hidden)
+    for i in range(vision_depth):
+        p = f"{v}.blocks.{i}"
+        b.norm(f"{p}.norm1.weight", vision_hidden)
+        b.norm(f"{p}.norm2.weight", vision_hidden)
+        if i == 0:        # FP8 attention in the first block only
+            b.linear(f"{p}.attn.qkv", 3 * vision_hidden, vision_hidden)
+            b.linear(f"{p}.attn.proj", vision_hidden, vision_hidden)
+        else:
+            b.bf16(f"{p}.attn.qkv.weight", 3 * vision_hidden, vision_hidden)
+            b.bf16(f"{p}.attn.proj.weight", vision_hidden, vision_hidden)
+        b.bf16(f"{p}.mlp.linear_fc1.weight", vision_intermediate, vision_hidden)
+        b.bf16(f"{p}.mlp.linear_fc2.weight", vision_hidden, vision_intermediate)
+    b.norm(f"{v}.merger.norm.weight", vision_hidden)
+    b.bf16(f"{v}.merger.linear_fc1.weight", 4 * vision_hidden, 4 * vision_hidden)
+    b.bf16(f"{v}.merger.linear_fc2.weight", hidden, 4 * vision_hidden)
+    return b.tensors
+
+
+def qwen3_5_moe_config(*, block: Block = (128, 128), quant_at: str = "top", **dims: Any) -> dict[str, Any]:
+    """config.json of ``qwen3_5_moe_tensors(**dims)``: text settings under ``text_config``,
+    vision under ``vision_config``; ``quantization_config`` at the top level (``quant_at="top"``,
+    as published), only under ``text_config`` (``"text"``) or in both places (``"both"``).
+    ``modules_to_not_convert`` holds full per-layer paths with the wrapper prefix."""
+    d = _dims(qwen3_5_moe_tensors, dims)
+    n, interval = d["num_layers"], d["full_attention_interval"]
+    layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+    skip = ["lm_head", "model.language_model.embed_tokens", "mtp.fc"]
+    for i, kind in enumerate(layer_types):
+        p = f"model.language_model.layers.{i}"
+        if kind == "linear_attention":
+            skip += [f"{p}.linear_attn.in_proj_a", f"{p}.linear_attn.in_proj_b", f"{p}.linear_attn.conv1d"]
+        skip += [f"{p}.mlp.gate", f"{p}.mlp.shared_expert_gate"]
+    skip += ["model.visual.patch_embed.proj", "model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"]
+    for i in range(d["vision_depth"]):
+        p = f"model.visual.blocks.{i}"
+        skip += ([] if i == 0 else [f"{p}.attn.qkv", f"{p}.attn.proj"]) + [f"{p}.mlp.linear_fc1", f"{p}.mlp.linear_fc2"]
+    quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "modules_to_not_convert": skip,
+             "quant_method": "fp8", "weight_block_size": list(block)}
+    text = {
+        "attention_bias": False, "attn_output_gate": True, "bos_token_id": 0, "eos_token_id": 1,
+        "full_attention_interval": interval, "head_dim": d["head_dim"], "hidden_act": "silu",
+        "hidden_size": d["hidden"], "layer_types": layer_types,
+        "linear_conv_kernel_dim": d["conv_kernel"], "linear_key_head_dim": d["linear_key_head_dim"],
+        "linear_num_key_heads": d["linear_key_heads"], "linear_num_value_heads": d["linear_value_heads"],
+        "linear_value_head_dim": d["linear_value_head_dim"], "max_position_embeddings": 262144,
+        "model_type": "qwen3_5_moe_text", "moe_intermediate_size": d["moe_intermediate"],
+        "mtp_num_hidden_layers": int(d["mtp"]), "num_attention_heads": d["num_heads"],
+        "num_experts": d["n_experts"], "num_experts_per_tok": min(2, d["n_experts"]),
+        "num_hidden_layers": n, "num_key_value_heads": d["num_kv_heads"], "rms_norm_eps": 1e-06,
+        "shared_expert_intermediate_size": d["shared_intermediate"], "vocab_size": d["vocab"],
+    }
+    vision = {"depth": d["vision_depth"], "hidden_size": d["vision_hidden"], "in_channels": 3,
+              "intermediate_size": d["vision_intermediate"], "model_type": "qwen3_5_moe", "num_heads": 1,
+              "out_hidden_size": d["hidden"], "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    cfg: dict[str, Any] = {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"], "image_token_id": 12,
+        "model_type": "qwen3_5_moe", "text_config": text, "tie_word_embeddings": False,
+        "transformers_version": "4.57.0.dev0", "video_token_id": 13, "vision_config": vision,
+        "vision_end_token_id": 11, "vision_start_token_id": 10,
+    }
+    if quant_at in ("top", "both"):
+        cfg["quantization_config"] = quant
+    if quant_at in ("text", "both"):
+        text["quantization_config"] = json.loads(json.dumps(quant))
+    if quant_at not in ("top", "text", "both"):
+        raise ValueError(f"quant_at must be top, text or both, not {quant_at!r}")
+    return cfg
+
+
+def glm5_tensors(*, index_heads: int = 4, index_head_dim: int = 64, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Tiny GLM-5 / GLM-5.1-FP8 (``GlmMoeDsaForCausalLM``): the DeepSeek-V3 layout (MLA, dense then
+    MoE layers with ``mlp.shared_experts``, an MTP layer with ``eh_proj``) plus the DSA indexer in
+    every attention block: FP8 ``indexer.wq_b`` [heads*dim, q_lora] and ``indexer.wk`` [dim, H],
+    BF16 ``indexer.weights_proj`` and ``indexer.k_norm``. Same keywords as ``deepseek_v3_tensors``."""
+    base = deepseek_v3_tensors(**kwargs)
+    d = _dims(deepseek_v3_tensors, {k: v for k, v in kwargs.items() if k not in _NON_DIMS})
+    b = _Builder(block=kwargs.get("block", (128, 128)), scale_dtype=kwargs.get("scale_dtype", torch.float32),
+                 seed=kwargs.get("seed", 0), fp8=kwargs.get("fp8", True))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in base.items():
+        out[name] = t
+        if name.endswith(".self_attn.o_proj.weight_scale_inv") or (
+                name.endswith(".self_attn.o_proj.weight") and not kwargs.get("fp8", True)):
+            p = name[: name.index(".o_proj.")] + ".indexer"
+            b.linear(f"{p}.wq_b", index_heads * index_head_dim, d["q_lora_rank"])
+            b.linear(f"{p}.wk", index_head_dim, d["hidden"])
+            b.bf16(f"{p}.weights_proj.weight", index_heads, d["hidden"])
+            b.norm(f"{p}.k_norm.weight", index_head_dim)
+            b.bias_f32(f"{p}.k_norm.bias", index_head_dim)
+            out.update(b.tensors)
+            b.tensors.clear()
+    return out
+
+
+def glm5_config(*, block: Block = (128, 128), index_heads: int = 4, index_head_dim: int = 64,
+                **dims: Any) -> dict[str, Any]:
+    """config.json of ``glm5_tensors(**dims)``: model_type ``glm_moe_dsa``, indexer settings,
+    quantization_config with ``fmt`` and ``modules_to_not_convert``."""
+    cfg = deepseek_v3_config(block=block, **dims)
+    for key in ("auto_map", "topk_method", "ep_size", "moe_layer_freq"):
+        cfg.pop(key)
+    cfg.update(architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_dsa", index_head_dim=index_head_dim,
+               index_n_heads=index_heads, index_topk=2048, transformers_version="5.0.2.dev0")
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", "model.embed_tokens", "indexer.weights_proj"]
+    return dict(sorted(cfg.items()))
+
+
+def to_compressed_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                          *, ignore: tuple[str, ...] = ("lm_head",)) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The same block-FP8 checkpoint as llm-compressor writes it (``FP8_BLOCK`` scheme):
+    ``X.weight_scale`` instead of ``X.weight_scale_inv`` (same values and dtype) and a
+    ``compressed-tensors`` quantization_config with ``block_structure`` and activation groups."""
+    block = list(config["quantization_config"]["weight_block_size"])
+    renamed = {(n[: -len("_inv")] if n.endswith(".weight_scale_inv") else n): t for n, t in tensors.items()}
+    cfg = json.loads(json.dumps(config))
+    cfg["quantization_config"] = {
+        "config_groups": {"group_0": {
+            "format": "float-quantized", "input_activations": {
+                "actorder": None, "block_structure": None, "dynamic": True, "group_size": block[1],
+                "num_bits": 8, "observer": None, "observer_kwargs": {}, "strategy": "group",
+                "symmetric": True, "type": "float"},
+            "output_activations": None, "targets": ["Linear"],
+            "weights": {"actorder": None, "block_structure": block, "dynamic": False, "group_size": None,
+                        "num_bits": 8, "observer": "minmax", "observer_kwargs": {}, "strategy": "block",
+                        "symmetric": True, "type": "float"}}},
+        "format": "float-quantized", "global_compression_ratio": None, "ignore": list(ignore),
+        "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+        "sparsity_config": {}, "transform_config": {}, "version": "0.12.2",
+    }
+    return renamed, cfg
+
+
+def deepseek_v4_tensors(*, hidden: int = 128, inter: int = 64, n_experts: int = 2, heads: int = 2,
+                        head_dim: int = 64, q_lora: int = 64, vocab: int = 16,
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tiny DeepSeek-V4-Flash layout (the converter refuses it): no ``model.`` prefix, block-FP8
+    attention and shared experts whose scales are ``X.scale`` in F8_E8M0, routed experts MXFP4
+    packed as I8 [out, in/2] with ``.scale`` F8_E8M0 [out, in/32], BF16 embed/head."""
+    g = torch.Generator().manual_seed(seed)
+    e8m0 = getattr(torch, "float8_e8m0fnu")
+
+    def fp8(n: int, k: int) -> dict[str, torch.Tensor]:
+        q = (torch.randn(n, k, generator=g) * 0.5).to(FP8_DTYPE)
+        return {"weight": q, "scale": torch.ones(math.ceil(n / 128), math.ceil(k / 128)).to(e8m0)}
+
+    def fp4(n: int, k: int) -> dict[str, torch.Tensor]:
+        packed = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
+        return {"weight": packed, "scale": torch.ones(n, k // 32).to(e8m0)}
+
+    t: dict[str, torch.Tensor] = {"embed.weight": torch.randn(vocab, hidden, generator=g).bfloat16()}
+    p = "layers.0"
+    for name, (n, k) in {"attn.wq_a": (q_lora, hidden), "attn.wq_b": (heads * head_dim, q_lora),
+                         "attn.wkv": (head_dim, hidden), "attn.wo_a": (heads * head_dim, heads * head_dim),
+                         "attn.wo_b": (hidden, heads * head_dim)}.items():
+        t.update({f"{p}.{name}.{s}": v for s, v in fp8(n, k).items()})
+    t[f"{p}.ffn.gate.weight"] = torch.randn(n_experts, hidden, generator=g).bfloat16()
+    for e in range(n_experts):
+        for w, (n, k) in {"w1": (inter, hidden), "w2": (hidden, inter), "w3": (inter, hidden)}.items():
+            t.update({f"{p}.ffn.experts.{e}.{w}.{s}": v for s, v in fp4(n, k).items()})
+    for w, (n, k) in {"w1": (inter, hidden), "w2": (hidden, inter), "w3": (inter, hidden)}.items():
+        t.update({f"{p}.ffn.shared_experts.{w}.{s}": v for s, v in fp8(n, k).items()})
+    t["head.weight"] = torch.randn(vocab, hidden, generator=g).bfloat16()
+    return t
+
+
+def deepseek_v4_config(*, hidden: int = 128, model_type: str = "deepseek_v4") -> dict[str, Any]:
+    """config.json of ``deepseek_v4_tensors()`` (``model_type="deepseek_v41"`` for V4.1's
+    nested layout with [32, 32] ue8m0 blocks and ``expert_dtype`` inside quantization_config)."""
+    quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+             "weight_block_size": [128, 128]}
+    if model_type == "deepseek_v41":
+        quant.update(weight_block_size=[32, 32], expert_dtype="fp4")
+        return {"architectures": ["DeepseekV41ForCausalLM"], "model_type": model_type,
+                "text_config": {"hidden_size": hidden, "model_type": "deepseek_v41_text"},
+                "quantization_config": quant}
+    return {"architectures": ["DeepseekV4ForCausalLM"], "expert_dtype": "fp4", "hidden_size": hidden,
+            "model_type": model_type, "quantization_config": quant}
 
 
 # --------------------------------------------------------------------------------------------

@@ -693,35 +693,8 @@ def test_minimax_m2_keeps_fmt_and_w1_w2_w3_names(minimax_m2):
 
 
 # ---------------------------------------------------------------------------------------------
-# compressed-tensors FP8_BLOCK
+# compressed-tensors FP8_BLOCK (converted: tests/test_families.py)
 # ---------------------------------------------------------------------------------------------
-
-def test_compressed_tensors_fp8_block_is_refused_in_one_line(tmp_path):
-    tensors = {(n[: -len("_inv")] if n.endswith("weight_scale_inv") else n): t
-               for n, t in tc.qwen3_dense_tensors().items()}
-    assert any(n.endswith(".weight_scale") for n in tensors)
-    config = tc.qwen3_dense_config()
-    config["quantization_config"] = {
-        "config_groups": {"group_0": {
-            "format": "float-quantized", "targets": ["Linear"], "output_activations": None,
-            "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128],
-                        "symmetric": True, "dynamic": False, "group_size": None, "actorder": None,
-                        "observer": "minmax"},
-            "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128,
-                                  "symmetric": True, "dynamic": True, "observer": None}}},
-        "format": "float-quantized", "ignore": ["lm_head"], "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors", "quantization_status": "compressed",
-    }
-    src = tc.write_checkpoint(tmp_path / "Qwen3-0.6B-FP8-BLOCK", tensors, config, shards=2)
-    before = snapshot(src)
-    result = run_tool(src)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "compressed-tensors" in lines[0], result.stderr
-    assert result.stdout == ""
-    assert siblings(src) == {src.name}
-    assert snapshot(src) == before
-
 
 def test_weight_scale_tensors_under_an_fp8_config_are_refused_naming_compressed_tensors(tmp_path):
     # The same compressed-tensors shards with a quant_method "fp8" config (e.g. hand-edited).
