@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import errno
 import fcntl
 import hashlib
@@ -919,7 +920,7 @@ def choose_block_for_tp(advice: TPAdvice, tp: int, ep: bool) -> tuple[int, int] 
 # ---------------------------------------------------------------------------------------------
 
 # linux/fs.h: FICLONERANGE = _IOW(0x94, 13, struct file_clone_range {s64 src_fd; u64 src_offset,
-# src_length, dest_offset}). Python has no binding for it; this is the whole of the "by hand" part.
+# src_length, dest_offset}). Python has no binding for it, so the ioctl is packed by hand.
 FICLONERANGE = 0x4020940D
 _KERNEL_REFUSES = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY,
                    errno.EPERM, errno.ETXTBSY}
@@ -991,24 +992,46 @@ def clone_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: in
     fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("qQQQ", src_fd, src_off, length, dst_off))
 
 
-class ByteCopier:
-    """Copies byte ranges between files by the fastest method the filesystem accepts.
+class CopyMethod(str, enum.Enum):
+    """How unchanged bytes reach the output (a str, so it prints and compares as its name):
 
-    `method` is one of:
-    - "reflink": share whole aligned blocks with the source (XFS, btrfs), copy the ends in-kernel;
-    - "direct": O_DIRECT writes from the source's page cache (see `_direct`), no page cache on
-      the output side; never shares blocks;
-    - "copy_file_range": in-kernel copy (it may share blocks where the filesystem can);
-    - "buffered": read/write through one fixed buffer.
-    "reflink" writes what it cannot share (ranges that do not line up) like "direct" where the
-    filesystem takes O_DIRECT. A method the kernel refuses falls back for the rest of the run
-    (reflink -> copy_file_range -> buffered; direct -> buffered, which never shares either); the
-    bytes written are the same.
+    - REFLINK: share whole aligned blocks with the source (XFS, btrfs, FICLONERANGE); what cannot
+      be shared is written with O_DIRECT like DIRECT where the filesystem takes it, else in-kernel;
+    - DIRECT: O_DIRECT writes from the source's page cache (see `ByteCopier._direct`); never shares;
+    - COPY_FILE_RANGE: in-kernel copy (it may share blocks where the filesystem can);
+    - BUFFERED: read/write through one buffer; the kernel cannot refuse it.
+    """
+    REFLINK = "reflink"
+    DIRECT = "direct"
+    COPY_FILE_RANGE = "copy_file_range"
+    BUFFERED = "buffered"
+
+    def after_refusals(self, refused: set[CopyMethod] | frozenset[CopyMethod]) -> CopyMethod:
+        """The one fallback rule: a method whose kernel call was refused gives way to the next
+        that writes the same bytes (reflink -> copy_file_range -> buffered; direct -> buffered,
+        which never shares either).
+
+        >>> CopyMethod.REFLINK.after_refusals({CopyMethod.REFLINK, CopyMethod.COPY_FILE_RANGE}).value
+        'buffered'
+        """
+        method = self
+        while method in refused:
+            method = CopyMethod.BUFFERED if method is not CopyMethod.REFLINK else CopyMethod.COPY_FILE_RANGE
+        return method
+
+
+class ByteCopier:
+    """Copies byte ranges between files with the `chosen` method, or the one the fallback rule
+    gives once the kernel has refused a call (`CopyMethod.after_refusals`); the bytes written are
+    the same. A refusal is a fact about the filesystems, learnt once for the whole run: workers
+    add it to `refused` under a lock, and every copy step reads the method it implies once, so
+    the chosen method itself never changes.
     """
 
-    def __init__(self, method: str, on_bytes: Callable[[int], None] = lambda n: None,
+    def __init__(self, chosen: CopyMethod | str, on_bytes: Callable[[int], None] = lambda n: None,
                  stop: threading.Event | None = None):
-        self.method = method
+        self.chosen = CopyMethod(chosen)
+        self.refused: frozenset[CopyMethod] = frozenset()
         self.on_bytes = on_bytes
         self.stop = stop or threading.Event()
         self.shared = 0
@@ -1016,12 +1039,21 @@ class ByteCopier:
         self.written = 0            # headers and scales, counted by `wrote`
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._direct_refused = False
+
+    @property
+    def method(self) -> CopyMethod:
+        """The method copies use now: the chosen one, after the refusals seen so far."""
+        return self.chosen.after_refusals(self.refused)
+
+    def _refuse(self, method: CopyMethod) -> None:
+        with self._lock:
+            self.refused = self.refused | {method}
 
     def copy(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
-        head, shared = _aligned_span(run) if self.method == "reflink" else (0, 0)
-        if not shared and self.method in ("reflink", "direct"):
-            self._copy_direct(src_fd, dst_fd, run)
+        method = self.method
+        head, shared = _aligned_span(run) if method is CopyMethod.REFLINK else (0, 0)
+        if not shared and method in (CopyMethod.REFLINK, CopyMethod.DIRECT):
+            self._copy_direct(src_fd, dst_fd, run, method)
         elif shared:
             self._copy(src_fd, dst_fd, run.src, run.dst, head)
             done = 0
@@ -1033,39 +1065,37 @@ class ByteCopier:
                 except OSError as e:
                     if e.errno not in _KERNEL_REFUSES:
                         raise
-                    self.method = "copy_file_range"
+                    self._refuse(CopyMethod.REFLINK)
                     break
                 done += n
                 self._count(n, shared=True)
             rest = head + done
             self._copy(src_fd, dst_fd, run.src + rest, run.dst + rest, run.length - rest)
         else:
-            self._copy(src_fd, dst_fd, run.src, run.dst, run.length)
+            self._copy(src_fd, dst_fd, run.src, run.dst, run.length, buffered=method is CopyMethod.BUFFERED)
 
-    def _copy_direct(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
+    def _copy_direct(self, src_fd: int, dst_fd: int, run: CopyRun, method: CopyMethod) -> None:
         # O_DIRECT needs the output offset and length in whole blocks: the unaligned ends (under
-        # 4 KiB each) are copied otherwise, by the buffered loop for "direct" (it never shares).
-        small = "buffered" if self.method == "direct" else ""
+        # one block each) are copied otherwise, by the buffered loop for DIRECT (it never shares).
+        buffered = method is CopyMethod.DIRECT
         head = min(run.length, -run.dst % ALIGN)
         body = (run.length - head) // ALIGN * ALIGN
-        self._copy(src_fd, dst_fd, run.src, run.dst, head, small)
-        use_direct = body and not self._direct_refused
+        self._copy(src_fd, dst_fd, run.src, run.dst, head, buffered)
+        use_direct = body and CopyMethod.DIRECT not in self.refused
         done = head + (self._direct(src_fd, dst_fd, run.src + head, run.dst + head, body) if use_direct else 0)
-        self._copy(src_fd, dst_fd, run.src + done, run.dst + done, run.length - done, small)
+        self._copy(src_fd, dst_fd, run.src + done, run.dst + done, run.length - done, buffered)
 
     def _direct(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> int:
         """Write `length` bytes (dst and length block-aligned) with O_DIRECT; returns how many were
-        written, fewer only if the kernel refused: then O_DIRECT is not tried again, and the
-        "direct" method becomes "buffered".
+        written, fewer only if the kernel refused O_DIRECT (then it is not tried again).
 
         Why by hand: with copy_file_range on ext4 every byte is copied into the output's page
         cache and then written back, and the fsync that makes a shard safe to rename waits for
         that writeback, so on one worker copying and writeback never overlap. An O_DIRECT write
         goes from the buffer to the disk and leaves no writeback. When source and output offsets
-        agree modulo 4 KiB the buffer is the source's own page cache (a read-only mmap window),
-        so no byte is copied by the CPU at all; otherwise one aligned buffer bounces the bytes.
-        Measured on this machine, 4 GiB cached: 0.9-1.3 s against 2.8-4.1 s for copy_file_range + fsync
-        (bench/RESULTS.md).
+        agree modulo the page size the buffer is the source's own page cache (a read-only mmap
+        window), so no byte is copied by the CPU at all; otherwise the aligned scratch buffer
+        bounces the bytes. bench/RESULTS.md has the figures.
         """
         done = 0
         try:
@@ -1084,9 +1114,7 @@ class ByteCopier:
                 raise _source_changed(src + done) from None
             if e.errno not in _KERNEL_REFUSES:
                 raise
-            self._direct_refused = True
-            if self.method == "direct":
-                self.method = "buffered"
+            self._refuse(CopyMethod.DIRECT)
         finally:
             try:
                 set_direct(dst_fd, False)
@@ -1109,29 +1137,33 @@ class ByteCopier:
             with memoryview(window) as whole, whole[src - start:] as part:
                 _pwrite_all(dst_fd, part, dst)
 
+    def _scratch(self) -> mmap.mmap:
+        """This worker's one scratch buffer, page-aligned as O_DIRECT needs; the buffered loop
+        uses its first BUFFER_BYTES. Anonymous memory: pages count only once touched."""
+        if not hasattr(self._local, "scratch"):
+            self._local.scratch = mmap.mmap(-1, DIRECT_CHUNK)
+        return self._local.scratch
+
     def _direct_through_buffer(self, src_fd: int, dst_fd: int, src: int, dst: int, n: int) -> None:
-        if not hasattr(self._local, "aligned"):             # one page-aligned buffer per worker
-            self._local.aligned = mmap.mmap(-1, DIRECT_CHUNK)
-        with memoryview(self._local.aligned) as whole, whole[:n] as part:
+        with memoryview(self._scratch()) as whole, whole[:n] as part:
             if os.preadv(src_fd, [part], src) != n:
                 raise _source_changed(src)
             _pwrite_all(dst_fd, part, dst)
 
-    def _copy(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int, method: str = "") -> None:
-        """In-kernel copy, or the buffered loop if `method` (default: the copier's) says so."""
-        in_kernel = (method or self.method) != "buffered"
+    def _copy(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int, buffered: bool = False) -> None:
+        """In-kernel copy unless `buffered` or the kernel refused copy_file_range: then the
+        buffered loop."""
         end = src + length
         while src < end:
             self._check_stop()
             n = min(COPY_CHUNK, end - src)
-            if in_kernel:
+            if not buffered and CopyMethod.COPY_FILE_RANGE not in self.refused:
                 try:
                     n = os.copy_file_range(src_fd, dst_fd, n, src, dst)
                 except OSError as e:
                     if e.errno not in _KERNEL_REFUSES:
                         raise
-                    self.method = "buffered"
-                    in_kernel = False
+                    self._refuse(CopyMethod.COPY_FILE_RANGE)
                     continue
             else:
                 n = self._buffered(src_fd, dst_fd, src, dst, n)
@@ -1141,13 +1173,9 @@ class ByteCopier:
             self._count(n, shared=False)
 
     def _buffered(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> int:
-        if not hasattr(self._local, "buf"):        # one buffer per worker thread
-            self._local.buf = bytearray(BUFFER_BYTES)
-        view = memoryview(self._local.buf)[: min(length, BUFFER_BYTES)]
-        got = os.preadv(src_fd, [view], src)
-        written = 0
-        while written < got:
-            written += os.pwrite(dst_fd, view[written:got], dst + written)
+        with memoryview(self._scratch()) as whole, whole[: min(length, BUFFER_BYTES)] as view:
+            got = os.preadv(src_fd, [view], src)
+            _pwrite_all(dst_fd, view[:got], dst)
         return got
 
     @property
@@ -1173,20 +1201,20 @@ class ByteCopier:
         self.on_bytes(n)
 
 
-def choose_copy_method(requested: str, source: Path | None, probe_dir: Path) -> str:
-    """"auto" is "reflink" where a probe clone from `source` into `probe_dir` works, else "direct"
-    where an O_DIRECT write into `probe_dir` works, else "copy_file_range" (which itself falls
-    back to "buffered" if the kernel refuses). "no-share" (--no-reflink) must write real copies:
-    "direct" never shares; without it, where cloning works copy_file_range would share aligned
-    ranges too, so it is "buffered" there."""
+def choose_copy_method(requested: str, source: Path | None, probe_dir: Path) -> CopyMethod:
+    """"auto" is REFLINK where a probe clone from `source` into `probe_dir` works, else DIRECT
+    where an O_DIRECT write into `probe_dir` works, else COPY_FILE_RANGE (which itself falls
+    back to BUFFERED if the kernel refuses). "no-share" (--no-reflink) must write real copies:
+    DIRECT never shares; without it, where cloning works copy_file_range would share aligned
+    ranges too, so it is BUFFERED there. Any other value names a method."""
     if requested not in ("auto", "no-share"):
-        return requested
+        return CopyMethod(requested)
     can_share = source is not None and probe_reflink(source, probe_dir)
     if requested == "auto" and can_share:
-        return "reflink"
+        return CopyMethod.REFLINK
     if probe_direct(probe_dir):
-        return "direct"
-    return "buffered" if can_share else "copy_file_range"
+        return CopyMethod.DIRECT
+    return CopyMethod.BUFFERED if can_share else CopyMethod.COPY_FILE_RANGE
 
 
 def probe_direct(dst_dir: Path) -> bool:
@@ -1607,12 +1635,12 @@ def progress_bar(total: int, desc: str, quiet: bool, delay: float = 0.5):
 
 
 def prepare_writing(todo: list[ShardPlan], copy: str, probe_dir: Path, space_on: Path,
-                    need: Callable[[bool], int], quiet: bool) -> str:
+                    need: Callable[[bool], int], quiet: bool) -> CopyMethod:
     """What every mode that writes checks before its first write (a conversion, --in-place and
     --restore alike); returns the copy method. `need(reflink)`: the disk space the run takes."""
     check_scales_shrink(todo)
     method = choose_copy_method(copy, todo[0].source if todo else None, probe_dir)
-    check_free_space(space_on, need(method == "reflink"))
+    check_free_space(space_on, need(method is CopyMethod.REFLINK))
     return method
 
 
@@ -1657,7 +1685,7 @@ def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int
             raise
         finally:
             lock.release()
-    summary = summarize(todo, len(plan.shards), copier, copier.method)
+    summary = summarize(todo, len(plan.shards), copier, copier.method.value)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -1688,7 +1716,7 @@ def remove_partials(out: Path, relpaths: list[str]) -> None:
         _unlink_quietly(_partial_path(out / rel))
 
 
-def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, method: str,
+def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, method: CopyMethod,
                 workers: int = 1, quiet: bool = False) -> ByteCopier:
     """Write shards and copy other files into `out`, with one progress bar over all their bytes."""
     total = sum(s.out_size for s in shards) + sum(f.size for f in others)

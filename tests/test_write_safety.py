@@ -466,3 +466,22 @@ def test_in_place_and_restore_at_once_never_lose_the_record_of_converted_shards(
             r = main_here(work, "--restore", "-q")
             assert r.returncode == 0, show(r)
         assert snapshot(work) == original
+
+
+# ---------------------------------------------------------------------------------------------
+# The copy method: one fallback rule, shared by every worker
+# ---------------------------------------------------------------------------------------------
+
+def test_a_kernel_refusal_met_by_one_worker_moves_every_worker_to_the_fallback(reference, tmp_path, monkeypatch):
+    model, expected_out = reference
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise OSError(18, "Invalid cross-device link")          # EXDEV, as across filesystems
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    plan = rbs.make_plan(rbs.read_checkpoint(model), tmp_path / "out", (64, 64))
+    summary = rbs.convert(plan, copy="copy_file_range", workers=2, quiet=True)
+    assert summary.method == "buffered"
+    assert 1 <= len(calls) <= 2, "a worker tried copy_file_range again after the refusal was known"
+    assert snapshot(tmp_path / "out") == snapshot(expected_out)
