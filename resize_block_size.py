@@ -63,7 +63,7 @@ SCALE_DTYPES = {"F32", "BF16", "F16", "F64", "F8_E8M0"}
 SCALE_SUFFIX = "_scale_inv"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished
+STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished, in INPUT after --in-place
 MAX_HEADER_BYTES = 100_000_000        # the limit the safetensors library itself enforces
 MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tiles of >= 16
 # Output data is laid out so that large unchanged byte runs keep their source offset modulo this,
@@ -71,9 +71,10 @@ MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tile
 # a fixed value keeps the output bytes independent of where the tool runs.
 ALIGN = 4096
 COPY_CHUNK = 64 << 20                 # bytes per copy call: bounds latency of Ctrl-C and progress
-BUFFER_BYTES = 8 << 20                # the fallback copy loop's only buffer
-# Bytes per O_DIRECT write. While one runs, its mapped source pages count in the process RSS, so
-# this bounds memory; 32 MiB was as fast as 64 MiB and faster than 16 MiB here (bench/RESULTS.md).
+BUFFER_BYTES = 8 << 20                # bytes per read of the buffered copy loop
+# Bytes per O_DIRECT write, and the size of each worker's scratch buffer. While one runs, its
+# mapped source pages count in the process RSS, so this bounds memory; larger chunks were no
+# faster (bench/RESULTS.md has the comparison).
 DIRECT_CHUNK = 32 << 20
 
 
@@ -1551,7 +1552,10 @@ class FolderLock:
                 if now is not None and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
                     self.fd, fd = fd, -1
                     return
-            except BlockingIOError:
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):
+                    raise _fail(self.folder, f"cannot be locked against other runs ({e.strerror}); "
+                                             "this filesystem does not support flock on folders") from None
                 doing = ("writing or reading this folder" if self.exclusive
                          else "converting this folder in place or restoring it")
                 raise _fail(self.folder, f"another resize-block-size run is {doing}; "
@@ -1903,12 +1907,14 @@ def check_unrecorded_state(folder: Path) -> None:
         try:
             with open(folder / saved.name, "rb") as f:
                 same = f.read(len(prefix)) == prefix
-        except OSError:
+                # The saved header must also describe a file of the shard's size, as it did.
+                parse_shard_header(folder / saved.name, saved.name, os.fstat(f.fileno()).st_size, prefix)
+        except (OSError, ConversionError):
             same = False
         if not same:
             raise _damaged(state, f"no run.json, and {saved.name} is not the shard whose header was saved")
     config = state / "original" / CONFIG_NAME
-    if config.is_file() and config.read_bytes() != (folder / CONFIG_NAME).read_bytes():
+    if config.is_file() and not same_file_content(folder / CONFIG_NAME, config.read_bytes()):
         raise _damaged(state, f"no run.json, and {CONFIG_NAME} differs from the saved one")
 
 
