@@ -1633,6 +1633,7 @@ def progress_bar(total: int, desc: str, quiet: bool, delay: float = 0.5):
     runs (scripts, the benchmark) never pay for its import."""
     if quiet:
         return None
+    check_progress_available(quiet)
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True,
                 file=sys.stderr, delay=delay)
@@ -1665,6 +1666,8 @@ def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int
         lock.acquire(create=True)
         try:
             state = inspect_output(plan)              # again, now that no other run can change it
+            if state.kind == "complete" and not force:    # another run finished it meanwhile
+                return Summary(shards_kept=len(plan.shards), method="already complete")
             if force:
                 state = OutputState(state.kind)
             os.makedirs(plan.output_dir / STATE_DIR, exist_ok=True)
@@ -1679,7 +1682,8 @@ def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int
             if plan.index_text is not None:
                 write_text(plan.output_dir / INDEX_NAME, plan.index_text)
             write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
-            # Still locked: a run starting now waits for the state folder to be gone, not in it.
+            # Still locked while the state folder goes: a run starting now is refused as busy,
+            # it never finds the output half-finished without a state folder.
             shutil.rmtree(plan.output_dir / STATE_DIR)
             _fsync_dir(plan.output_dir)
         except BaseException as e:
@@ -1715,9 +1719,19 @@ def _has_output(output_dir: Path) -> bool:
 
 def remove_partials(out: Path, relpaths: list[str]) -> None:
     """Remove the `.NAME.partial` files a killed run left for any of these files, in subfolders
-    too. Only ours by name: nothing else in the folder is touched."""
+    too. Only ours by name, and never through a symlink planted in `out` (writing refuses those
+    in one line later)."""
     for rel in relpaths:
-        _unlink_quietly(_partial_path(out / rel))
+        folder = out
+        for part in Path(rel).parent.parts:
+            folder = folder / part
+            try:
+                if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    break
+            except OSError:
+                break
+        else:
+            _unlink_quietly(_partial_path(out / rel))
 
 
 def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, method: CopyMethod,

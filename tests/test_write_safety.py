@@ -256,6 +256,18 @@ def test_a_partial_file_left_in_a_subfolder_is_removed_by_the_rerun(reference, t
     assert snapshot(out) == snapshot(expected_out)
 
 
+def test_partials_are_never_removed_through_a_symlink_planted_in_the_output(model, tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".kernel.py.partial").write_bytes(b"not yours")
+    (out / STATE).mkdir(parents=True)               # an unfinished run of this conversion...
+    (out / "inference").symlink_to(outside)         # ...with a subfolder that leads elsewhere
+    r = main_here(model, "-o", out, "-q")
+    if r.returncode != 0:
+        assert "inference" in one_line_error(r)
+    assert (outside / ".kernel.py.partial").read_bytes() == b"not yours"
+
+
 PAUSE_WHILE_REMOVING_STATE = """
 import os, shutil, time
 real = shutil.rmtree
