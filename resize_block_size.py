@@ -1545,27 +1545,35 @@ class FolderLock:
                 self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                self._flock(fd)
                 # A run that was refused before writing removes the OUTPUT it created, under this
                 # lock: what we locked must still be the folder at this path.
-                st, now = os.fstat(fd), os.stat(self.folder) if os.path.isdir(self.folder) else None
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.folder)
+                except FileNotFoundError:
+                    now = None
                 if now is not None and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
                     self.fd, fd = fd, -1
                     return
-            except OSError as e:
-                if not isinstance(e, BlockingIOError):
-                    raise _fail(self.folder, f"cannot be locked against other runs ({e.strerror}); "
-                                             "this filesystem does not support flock on folders") from None
-                doing = ("writing or reading this folder" if self.exclusive
-                         else "converting this folder in place or restoring it")
-                raise _fail(self.folder, f"another resize-block-size run is {doing}; "
-                                         "wait for it to finish or stop it") from None
             finally:
                 if fd >= 0:
                     os.close(fd)
             if not create:
                 break
         raise _fail(self.folder, "was removed or replaced while this run started; re-run the same command")
+
+    def _flock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            doing = ("writing or reading this folder" if self.exclusive
+                     else "converting this folder in place or restoring it")
+            raise _fail(self.folder, f"another resize-block-size run is {doing}; "
+                                     "wait for it to finish or stop it") from None
+        except OSError as e:
+            raise _fail(self.folder, f"cannot be locked against other runs ({e.strerror}); "
+                                     "this filesystem does not support flock on folders") from None
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -268,6 +268,26 @@ def test_partials_are_never_removed_through_a_symlink_planted_in_the_output(mode
     assert (outside / ".kernel.py.partial").read_bytes() == b"not yours"
 
 
+def test_the_output_lock_is_taken_on_the_folder_at_the_path_not_one_removed_meanwhile(tmp_path, monkeypatch):
+    out, calls = tmp_path / "out", []
+    real = fcntl.flock
+
+    def removed_and_recreated_first(fd: int, op: int) -> None:
+        calls.append(op)
+        if len(calls) == 1:          # a refused run removes the folder it created, another makes it again
+            out.rmdir()
+            out.mkdir()
+        real(fd, op)
+    monkeypatch.setattr(fcntl, "flock", removed_and_recreated_first)
+    lock = rbs.FolderLock(out, exclusive=True)
+    lock.acquire(create=True)
+    try:
+        assert len(calls) == 2
+        assert os.fstat(lock.fd).st_ino == os.stat(out).st_ino
+    finally:
+        lock.release()
+
+
 PAUSE_WHILE_REMOVING_STATE = """
 import os, shutil, time
 real = shutil.rmtree
