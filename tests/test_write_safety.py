@@ -160,6 +160,19 @@ def test_a_source_changed_between_planning_and_copying_is_refused_with_no_finish
     assert partials(out) == [] if out.exists() else True
 
 
+def test_in_place_refuses_a_shard_replaced_after_planning_and_leaves_it_as_it_is(model, monkeypatch):
+    replaced = {}
+
+    def change(folder: Path) -> None:
+        same_bytes_new_data(folder / SHARDS[0])
+        replaced["bytes"] = (folder / SHARDS[0]).read_bytes()
+    replace_during_planning(monkeypatch, change)
+    line = one_line_error(main_here(model, "--in-place", "-q"))
+    assert "changed during the run" in line and SHARDS[0] in line, line
+    assert (model / SHARDS[0]).read_bytes() == replaced["bytes"]
+    assert partials(model) == []
+
+
 def test_a_copied_run_that_reads_back_wrong_is_not_renamed_into_place(model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real = rbs.ByteCopier.copy
