@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -63,7 +65,7 @@ SCALE_DTYPES = {"F32", "BF16", "F16", "F64", "F8_E8M0"}
 SCALE_SUFFIX = "_scale_inv"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished
+STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished, in INPUT after --in-place
 MAX_HEADER_BYTES = 100_000_000        # the limit the safetensors library itself enforces
 MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tiles of >= 16
 # Output data is laid out so that large unchanged byte runs keep their source offset modulo this,
@@ -71,9 +73,10 @@ MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tile
 # a fixed value keeps the output bytes independent of where the tool runs.
 ALIGN = 4096
 COPY_CHUNK = 64 << 20                 # bytes per copy call: bounds latency of Ctrl-C and progress
-BUFFER_BYTES = 8 << 20                # the fallback copy loop's only buffer
-# Bytes per O_DIRECT write. While one runs, its mapped source pages count in the process RSS, so
-# this bounds memory; 32 MiB was as fast as 64 MiB and faster than 16 MiB here (bench/RESULTS.md).
+BUFFER_BYTES = 8 << 20                # bytes per read of the buffered copy loop
+# Bytes per O_DIRECT write, and the size of each worker's scratch buffer. While one runs, its
+# mapped source pages count in the process RSS, so this bounds memory; larger chunks were no
+# faster (bench/RESULTS.md has the comparison).
 DIRECT_CHUNK = 32 << 20
 
 
@@ -230,6 +233,20 @@ class TensorEntry:
     end: int
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a path named when it was read: a file replaced (rename, re-download) or
+    rewritten since then differs in one of these."""
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass
 class ShardHeader:
     name: str                       # file name relative to the checkpoint folder
@@ -238,6 +255,7 @@ class ShardHeader:
     metadata: dict[str, str] | None
     tensors: list[TensorEntry]      # in data order
     prefix: bytes                   # the file's first bytes: 8-byte length + header JSON
+    identity: FileIdentity | None = None    # the file the header was read from, if read from one
 
 
 def _read_json_file(path: Path, label: str) -> tuple[str, object]:
@@ -458,8 +476,9 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
     """
     where = name
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             prefix = f.read(8)
             if size < 8 or len(prefix) < 8:
                 raise _fail(where, f"file is {size} bytes, too short to be a safetensors file; re-download it")
@@ -473,7 +492,7 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
             raw = f.read(header_len)
     except OSError as e:
         raise _fail(where, f"cannot read: {e.strerror}")
-    return parse_shard_header(path, name, size, prefix + raw)
+    return dataclasses.replace(parse_shard_header(path, name, size, prefix + raw), identity=FileIdentity.of(st))
 
 
 def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> ShardHeader:
@@ -580,6 +599,8 @@ class ShardPlan:
     header: bytes                   # the complete output prefix: 8-byte length + padded JSON
     pieces: list[Piece]
     out_size: int
+    source_prefix: bytes = b""      # the source's own prefix, as planned from
+    source_identity: FileIdentity | None = None
 
     @property
     def scales(self) -> list[Piece]:
@@ -607,6 +628,7 @@ class OtherFile:
     relpath: str                    # POSIX-style path inside the checkpoint folder
     source: Path
     size: int
+    identity: FileIdentity | None = None
 
 
 @dataclass
@@ -794,9 +816,7 @@ def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPla
         length = tensor_nbytes(t.dtype, shape)
         pieces.append(Piece(t.name, t.dtype, shape, t.begin, t.end, offset, offset + length, r))
         offset += length
-    metadata = dict(header.metadata or {})
-    metadata.setdefault("format", "pt")
-    entries: dict[str, object] = {"__metadata__": metadata}
+    entries: dict[str, object] = {"__metadata__": output_metadata(header.metadata)}
     for p in pieces:
         entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [p.out_begin, p.out_end]}
     body = json.dumps(entries, separators=(",", ":")).encode()
@@ -805,7 +825,18 @@ def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPla
     data_start = len(prefix)
     pieces = [Piece(p.name, p.dtype, p.shape, p.src_begin, p.src_end, p.out_begin + data_start,
                     p.out_end + data_start, p.resize) for p in pieces]
-    return ShardPlan(header.name, header.path, header.size, prefix, pieces, data_start + offset)
+    return ShardPlan(header.name, header.path, header.size, prefix, pieces, data_start + offset,
+                     header.prefix, header.identity)
+
+
+def output_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """An output shard's __metadata__: the input's, with `format: pt` added if it has none
+    (transformers before 4.47.1 cannot load a shard without it).
+
+    >>> output_metadata(None), output_metadata({"format": "np"})
+    ({'format': 'pt'}, {'format': 'np'})
+    """
+    return {**(metadata or {}), "format": (metadata or {}).get("format", "pt")}
 
 
 def invert_shard(forward: ShardPlan, original: ShardHeader) -> ShardPlan:
@@ -814,7 +845,8 @@ def invert_shard(forward: ShardPlan, original: ShardHeader) -> ShardPlan:
     pieces = sorted((Piece(p.name, p.dtype, where[p.name].shape, p.out_begin, p.out_end,
                            where[p.name].begin, where[p.name].end, p.resize and p.resize.reversed())
                      for p in forward.pieces), key=lambda p: p.out_begin)
-    return ShardPlan(forward.name, original.path, forward.out_size, original.prefix, pieces, original.size)
+    return ShardPlan(forward.name, original.path, forward.out_size, original.prefix, pieces, original.size,
+                     forward.header)
 
 
 def _padded_header_len(json_len: int, pieces: list[Piece]) -> int:
@@ -948,7 +980,7 @@ def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
                 raise _fail(path, "is a broken symlink or unreadable; fix the download")
             if not stat.S_ISREG(st.st_mode):
                 raise _fail(path, "is not a regular file (fifo, socket or device); remove it from the model folder")
-            found.append(OtherFile(rel, path, st.st_size))
+            found.append(OtherFile(rel, path, st.st_size, FileIdentity.of(st)))
     return found
 
 
@@ -1236,7 +1268,7 @@ def choose_block_for_tp(advice: TPAdvice, tp: int, ep: bool) -> tuple[int, int] 
 # ---------------------------------------------------------------------------------------------
 
 # linux/fs.h: FICLONERANGE = _IOW(0x94, 13, struct file_clone_range {s64 src_fd; u64 src_offset,
-# src_length, dest_offset}). Python has no binding for it; this is the whole of the "by hand" part.
+# src_length, dest_offset}). Python has no binding for it, so the ioctl is packed by hand.
 FICLONERANGE = 0x4020940D
 _KERNEL_REFUSES = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY,
                    errno.EPERM, errno.ETXTBSY}
@@ -1244,6 +1276,57 @@ _KERNEL_REFUSES = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, er
 
 def _source_changed(offset: int) -> ConversionError:
     return ConversionError(f"source file ended early at byte {offset}; was it changed during the run?")
+
+
+def _changed(name: str, problem: str) -> ConversionError:
+    return _fail(name, f"changed during the run ({problem}); re-run the same command")
+
+
+def open_source(path: Path, name: str, size: int, prefix: bytes = b"",
+                identity: FileIdentity | None = None) -> tuple[int, os.stat_result]:
+    """Open a file to copy from and check that it is the one the plan was made from: the same
+    file (device, inode, mtime) when that was recorded, the planned size, and the planned first
+    bytes, read through this descriptor. The writer then reads only through this descriptor, so a
+    file replaced at its path later (another run, a re-download) is never mixed in.
+
+    Returns the descriptor and its stat at opening (see `check_source_unchanged`).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        problem = None
+        if identity and (st.st_dev, st.st_ino) != (identity.dev, identity.ino):
+            problem = "it was replaced by another file"
+        elif st.st_size != size:
+            problem = f"it now has {st.st_size} bytes, planned from {size}"
+        elif identity and st.st_mtime_ns != identity.mtime_ns:
+            problem = "it was modified"
+        elif prefix and os.pread(fd, len(prefix), 0) != prefix:
+            problem = "its header differs from the one planned from"
+        if problem:
+            raise _changed(name, problem)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def check_source_unchanged(fd: int, opened: os.stat_result, name: str) -> None:
+    """After copying from `fd`: nothing wrote to the file meanwhile (size and mtime as when opened)."""
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns) != (opened.st_size, opened.st_mtime_ns):
+        raise _changed(name, "it was modified while being copied")
+
+
+def samples_equal(src_fd: int, out_fd: int, runs: list[CopyRun], sample: int = 65536) -> bool:
+    """True if the first and last `sample` bytes of every copied run are the same in the output as
+    in the source: catches a run copied from the wrong place or not at all, at a few reads per run."""
+    for r in runs:
+        n = min(sample, r.length)
+        for offset in (0, r.length - n):
+            if os.pread(src_fd, n, r.src + offset) != os.pread(out_fd, n, r.dst + offset):
+                return False
+    return True
 
 
 def set_direct(fd: int, on: bool) -> None:
@@ -1257,24 +1340,46 @@ def clone_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: in
     fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("qQQQ", src_fd, src_off, length, dst_off))
 
 
-class ByteCopier:
-    """Copies byte ranges between files by the fastest method the filesystem accepts.
+class CopyMethod(str, enum.Enum):
+    """How unchanged bytes reach the output (a str, so it prints and compares as its name):
 
-    `method` is one of:
-    - "reflink": share whole aligned blocks with the source (XFS, btrfs), copy the ends in-kernel;
-    - "direct": O_DIRECT writes from the source's page cache (see `_direct`), no page cache on
-      the output side; never shares blocks;
-    - "copy_file_range": in-kernel copy (it may share blocks where the filesystem can);
-    - "buffered": read/write through one fixed buffer.
-    "reflink" writes what it cannot share (ranges that do not line up) like "direct" where the
-    filesystem takes O_DIRECT. A method the kernel refuses falls back for the rest of the run
-    (reflink -> copy_file_range -> buffered; direct -> buffered, which never shares either); the
-    bytes written are the same.
+    - REFLINK: share whole aligned blocks with the source (XFS, btrfs, FICLONERANGE); what cannot
+      be shared is written with O_DIRECT like DIRECT where the filesystem takes it, else in-kernel;
+    - DIRECT: O_DIRECT writes from the source's page cache (see `ByteCopier._direct`); never shares;
+    - COPY_FILE_RANGE: in-kernel copy (it may share blocks where the filesystem can);
+    - BUFFERED: read/write through one buffer; the kernel cannot refuse it.
+    """
+    REFLINK = "reflink"
+    DIRECT = "direct"
+    COPY_FILE_RANGE = "copy_file_range"
+    BUFFERED = "buffered"
+
+    def after_refusals(self, refused: set[CopyMethod] | frozenset[CopyMethod]) -> CopyMethod:
+        """The one fallback rule: a method whose kernel call was refused gives way to the next
+        that writes the same bytes (reflink -> copy_file_range -> buffered; direct -> buffered,
+        which never shares either).
+
+        >>> CopyMethod.REFLINK.after_refusals({CopyMethod.REFLINK, CopyMethod.COPY_FILE_RANGE}).value
+        'buffered'
+        """
+        method = self
+        while method in refused:
+            method = CopyMethod.BUFFERED if method is not CopyMethod.REFLINK else CopyMethod.COPY_FILE_RANGE
+        return method
+
+
+class ByteCopier:
+    """Copies byte ranges between files with the `chosen` method, or the one the fallback rule
+    gives once the kernel has refused a call (`CopyMethod.after_refusals`); the bytes written are
+    the same. A refusal is a fact about the filesystems, learnt once for the whole run: workers
+    add it to `refused` under a lock, and every copy step reads the method it implies once, so
+    the chosen method itself never changes.
     """
 
-    def __init__(self, method: str, on_bytes: Callable[[int], None] = lambda n: None,
+    def __init__(self, chosen: CopyMethod | str, on_bytes: Callable[[int], None] = lambda n: None,
                  stop: threading.Event | None = None):
-        self.method = method
+        self.chosen = CopyMethod(chosen)
+        self.refused: frozenset[CopyMethod] = frozenset()
         self.on_bytes = on_bytes
         self.stop = stop or threading.Event()
         self.shared = 0
@@ -1282,12 +1387,21 @@ class ByteCopier:
         self.written = 0            # headers and scales, counted by `wrote`
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._direct_refused = False
+
+    @property
+    def method(self) -> CopyMethod:
+        """The method copies use now: the chosen one, after the refusals seen so far."""
+        return self.chosen.after_refusals(self.refused)
+
+    def _refuse(self, method: CopyMethod) -> None:
+        with self._lock:
+            self.refused = self.refused | {method}
 
     def copy(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
-        head, shared = _aligned_span(run) if self.method == "reflink" else (0, 0)
-        if not shared and self.method in ("reflink", "direct"):
-            self._copy_direct(src_fd, dst_fd, run)
+        method = self.method
+        head, shared = _aligned_span(run) if method is CopyMethod.REFLINK else (0, 0)
+        if not shared and method in (CopyMethod.REFLINK, CopyMethod.DIRECT):
+            self._copy_direct(src_fd, dst_fd, run, method)
         elif shared:
             self._copy(src_fd, dst_fd, run.src, run.dst, head)
             done = 0
@@ -1299,39 +1413,37 @@ class ByteCopier:
                 except OSError as e:
                     if e.errno not in _KERNEL_REFUSES:
                         raise
-                    self.method = "copy_file_range"
+                    self._refuse(CopyMethod.REFLINK)
                     break
                 done += n
                 self._count(n, shared=True)
             rest = head + done
             self._copy(src_fd, dst_fd, run.src + rest, run.dst + rest, run.length - rest)
         else:
-            self._copy(src_fd, dst_fd, run.src, run.dst, run.length)
+            self._copy(src_fd, dst_fd, run.src, run.dst, run.length, buffered=method is CopyMethod.BUFFERED)
 
-    def _copy_direct(self, src_fd: int, dst_fd: int, run: CopyRun) -> None:
+    def _copy_direct(self, src_fd: int, dst_fd: int, run: CopyRun, method: CopyMethod) -> None:
         # O_DIRECT needs the output offset and length in whole blocks: the unaligned ends (under
-        # 4 KiB each) are copied otherwise, by the buffered loop for "direct" (it never shares).
-        small = "buffered" if self.method == "direct" else ""
+        # one block each) are copied otherwise, by the buffered loop for DIRECT (it never shares).
+        buffered = method is CopyMethod.DIRECT
         head = min(run.length, -run.dst % ALIGN)
         body = (run.length - head) // ALIGN * ALIGN
-        self._copy(src_fd, dst_fd, run.src, run.dst, head, small)
-        use_direct = body and not self._direct_refused
+        self._copy(src_fd, dst_fd, run.src, run.dst, head, buffered)
+        use_direct = body and CopyMethod.DIRECT not in self.refused
         done = head + (self._direct(src_fd, dst_fd, run.src + head, run.dst + head, body) if use_direct else 0)
-        self._copy(src_fd, dst_fd, run.src + done, run.dst + done, run.length - done, small)
+        self._copy(src_fd, dst_fd, run.src + done, run.dst + done, run.length - done, buffered)
 
     def _direct(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> int:
         """Write `length` bytes (dst and length block-aligned) with O_DIRECT; returns how many were
-        written, fewer only if the kernel refused: then O_DIRECT is not tried again, and the
-        "direct" method becomes "buffered".
+        written, fewer only if the kernel refused O_DIRECT (then it is not tried again).
 
         Why by hand: with copy_file_range on ext4 every byte is copied into the output's page
         cache and then written back, and the fsync that makes a shard safe to rename waits for
         that writeback, so on one worker copying and writeback never overlap. An O_DIRECT write
         goes from the buffer to the disk and leaves no writeback. When source and output offsets
-        agree modulo 4 KiB the buffer is the source's own page cache (a read-only mmap window),
-        so no byte is copied by the CPU at all; otherwise one aligned buffer bounces the bytes.
-        Measured on this machine, 4 GiB cached: 0.9-1.3 s against 2.8-4.1 s for copy_file_range + fsync
-        (bench/RESULTS.md).
+        agree modulo the page size the buffer is the source's own page cache (a read-only mmap
+        window), so no byte is copied by the CPU at all; otherwise the aligned scratch buffer
+        bounces the bytes. bench/RESULTS.md has the figures.
         """
         done = 0
         try:
@@ -1350,9 +1462,7 @@ class ByteCopier:
                 raise _source_changed(src + done) from None
             if e.errno not in _KERNEL_REFUSES:
                 raise
-            self._direct_refused = True
-            if self.method == "direct":
-                self.method = "buffered"
+            self._refuse(CopyMethod.DIRECT)
         finally:
             try:
                 set_direct(dst_fd, False)
@@ -1375,29 +1485,33 @@ class ByteCopier:
             with memoryview(window) as whole, whole[src - start:] as part:
                 _pwrite_all(dst_fd, part, dst)
 
+    def _scratch(self) -> mmap.mmap:
+        """This worker's one scratch buffer, page-aligned as O_DIRECT needs; the buffered loop
+        uses its first BUFFER_BYTES. Anonymous memory: pages count only once touched."""
+        if not hasattr(self._local, "scratch"):
+            self._local.scratch = mmap.mmap(-1, DIRECT_CHUNK)
+        return self._local.scratch
+
     def _direct_through_buffer(self, src_fd: int, dst_fd: int, src: int, dst: int, n: int) -> None:
-        if not hasattr(self._local, "aligned"):             # one page-aligned buffer per worker
-            self._local.aligned = mmap.mmap(-1, DIRECT_CHUNK)
-        with memoryview(self._local.aligned) as whole, whole[:n] as part:
+        with memoryview(self._scratch()) as whole, whole[:n] as part:
             if os.preadv(src_fd, [part], src) != n:
                 raise _source_changed(src)
             _pwrite_all(dst_fd, part, dst)
 
-    def _copy(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int, method: str = "") -> None:
-        """In-kernel copy, or the buffered loop if `method` (default: the copier's) says so."""
-        in_kernel = (method or self.method) != "buffered"
+    def _copy(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int, buffered: bool = False) -> None:
+        """In-kernel copy unless `buffered` or the kernel refused copy_file_range: then the
+        buffered loop."""
         end = src + length
         while src < end:
             self._check_stop()
             n = min(COPY_CHUNK, end - src)
-            if in_kernel:
+            if not buffered and CopyMethod.COPY_FILE_RANGE not in self.refused:
                 try:
                     n = os.copy_file_range(src_fd, dst_fd, n, src, dst)
                 except OSError as e:
                     if e.errno not in _KERNEL_REFUSES:
                         raise
-                    self.method = "buffered"
-                    in_kernel = False
+                    self._refuse(CopyMethod.COPY_FILE_RANGE)
                     continue
             else:
                 n = self._buffered(src_fd, dst_fd, src, dst, n)
@@ -1407,13 +1521,9 @@ class ByteCopier:
             self._count(n, shared=False)
 
     def _buffered(self, src_fd: int, dst_fd: int, src: int, dst: int, length: int) -> int:
-        if not hasattr(self._local, "buf"):        # one buffer per worker thread
-            self._local.buf = bytearray(BUFFER_BYTES)
-        view = memoryview(self._local.buf)[: min(length, BUFFER_BYTES)]
-        got = os.preadv(src_fd, [view], src)
-        written = 0
-        while written < got:
-            written += os.pwrite(dst_fd, view[written:got], dst + written)
+        with memoryview(self._scratch()) as whole, whole[: min(length, BUFFER_BYTES)] as view:
+            got = os.preadv(src_fd, [view], src)
+            _pwrite_all(dst_fd, view[:got], dst)
         return got
 
     @property
@@ -1439,23 +1549,20 @@ class ByteCopier:
         self.on_bytes(n)
 
 
-COPY_METHODS = ("auto", "no-share", "reflink", "direct", "copy_file_range", "buffered")
-
-
-def choose_copy_method(requested: str, source: Path | None, probe_dir: Path) -> str:
-    """"auto" is "reflink" where a probe clone from `source` into `probe_dir` works, else "direct"
-    where an O_DIRECT write into `probe_dir` works, else "copy_file_range" (which itself falls
-    back to "buffered" if the kernel refuses). "no-share" (--no-reflink) must write real copies:
-    "direct" never shares; without it, where cloning works copy_file_range would share aligned
-    ranges too, so it is "buffered" there."""
+def choose_copy_method(requested: str, source: Path | None, probe_dir: Path) -> CopyMethod:
+    """"auto" is REFLINK where a probe clone from `source` into `probe_dir` works, else DIRECT
+    where an O_DIRECT write into `probe_dir` works, else COPY_FILE_RANGE (which itself falls
+    back to BUFFERED if the kernel refuses). "no-share" (--no-reflink) must write real copies:
+    DIRECT never shares; without it, where cloning works copy_file_range would share aligned
+    ranges too, so it is BUFFERED there. Any other value names a method."""
     if requested not in ("auto", "no-share"):
-        return requested
+        return CopyMethod(requested)
     can_share = source is not None and probe_reflink(source, probe_dir)
     if requested == "auto" and can_share:
-        return "reflink"
+        return CopyMethod.REFLINK
     if probe_direct(probe_dir):
-        return "direct"
-    return "buffered" if can_share else "copy_file_range"
+        return CopyMethod.DIRECT
+    return CopyMethod.BUFFERED if can_share else CopyMethod.COPY_FILE_RANGE
 
 
 def probe_direct(dst_dir: Path) -> bool:
@@ -1549,7 +1656,13 @@ def write_atomic(final: Path, fill: Callable[[int], None], mode: int = 0o644, sy
     except BaseException as e:
         if fd >= 0:
             os.close(fd)
-        _unlink_quietly(tmp)
+        if isinstance(e, (KeyboardInterrupt, Interrupted)):
+            # Unlinking a big file can take seconds (a disk mounted with `discard`); Ctrl-C is
+            # answered first. Not a daemon thread: Python waits for it before exiting, so the
+            # partial is gone when the process is; if it is killed meanwhile, the re-run removes it.
+            threading.Thread(target=_unlink_quietly, args=(tmp,), name="remove-partial").start()
+        else:
+            _unlink_quietly(tmp)
         if isinstance(e, OSError) and not e.filename:
             e.filename = str(final)
         raise
@@ -1605,8 +1718,10 @@ def check_scales_shrink(shards: list[ShardPlan]) -> None:
 
 
 def write_shard(shard: ShardPlan, output_dir: Path, copier: ByteCopier) -> None:
-    """Stream one shard: header, resized scales, and every other byte copied from the source."""
-    src_fd = os.open(shard.source, os.O_RDONLY | os.O_CLOEXEC)
+    """Stream one shard: header, resized scales, and every other byte copied from the source,
+    all read through one descriptor checked against the plan (`open_source`)."""
+    src_fd, opened = open_source(shard.source, shard.name, shard.source_size, shard.source_prefix,
+                                 shard.source_identity)
     try:
         def fill(fd: int) -> None:
             _pwrite_all(fd, shard.header, 0)
@@ -1622,15 +1737,17 @@ def write_shard(shard: ShardPlan, output_dir: Path, copier: ByteCopier) -> None:
                     data = scales[step.name] = new_scale_bytes(src_fd, step, shard.name)
                     _pwrite_all(fd, data, step.out_begin)
                     copier.wrote(len(data))
-            self_check(shard, fd, scales)
+            self_check(shard, src_fd, fd, scales)
+            check_source_unchanged(src_fd, opened, shard.name)
         write_atomic(output_dir / shard.name, fill, _permissions(src_fd), sync_dir=False)
     finally:
         os.close(src_fd)
 
 
-def self_check(shard: ShardPlan, out_fd: int, scales: dict[str, bytes]) -> None:
+def self_check(shard: ShardPlan, src_fd: int, out_fd: int, scales: dict[str, bytes]) -> None:
     """Re-read what was just written: the size, the header and every resized scale (a few MB per
-    shard), against the bytes meant to be there."""
+    shard) against the bytes meant to be there, and both ends of every copied run against the
+    source descriptor they were copied from."""
     size = os.fstat(out_fd).st_size
     if size != shard.out_size:
         raise ConversionError(f"{shard.name}: wrote {size} bytes, planned {shard.out_size}; not renamed into place")
@@ -1639,6 +1756,8 @@ def self_check(shard: ShardPlan, out_fd: int, scales: dict[str, bytes]) -> None:
     for p in shard.scales:
         if os.pread(out_fd, p.out_end - p.out_begin, p.out_begin) != scales[p.name]:
             raise ConversionError(f"{shard.name}: {p.name}: scale read back differs from the one written")
+    if not samples_equal(src_fd, out_fd, shard.copy_runs()):
+        raise ConversionError(f"{shard.name}: copied bytes read back differ from the source; not renamed into place")
 
 
 def shard_is_complete(path: Path, shard: ShardPlan) -> bool:
@@ -1659,12 +1778,20 @@ def file_starts_with(path: Path, size: int, prefix: bytes) -> bool:
 
 
 def copy_other_file(item: OtherFile, output_dir: Path, copier: ByteCopier) -> None:
+    """Copy a file that is not converted, through a descriptor checked like a shard's."""
     final = output_dir / item.relpath
     _make_dirs(output_dir, Path(item.relpath).parent)
-    src_fd = os.open(item.source, os.O_RDONLY | os.O_CLOEXEC)
+    src_fd, opened = open_source(item.source, item.relpath, item.size, identity=item.identity)
+    whole = [CopyRun(0, 0, item.size)] if item.size else []
+
+    def fill(fd: int) -> None:
+        for run in whole:
+            copier.copy(src_fd, fd, run)
+        if not samples_equal(src_fd, fd, whole):
+            raise ConversionError(f"{item.relpath}: bytes read back differ from the source; not renamed into place")
+        check_source_unchanged(src_fd, opened, item.relpath)
     try:
-        write_atomic(final, lambda fd: copier.copy(src_fd, fd, CopyRun(0, 0, item.size)) if item.size else None,
-                     _permissions(src_fd), sync_dir=False)
+        write_atomic(final, fill, _permissions(src_fd), sync_dir=False)
     finally:
         os.close(src_fd)
 
@@ -1741,38 +1868,71 @@ def shard_came_from_source(path: Path, shard: ShardPlan, sample: int = 65536) ->
         for p in shard.scales:
             if os.pread(out.fileno(), p.out_end - p.out_begin, p.out_begin) != new_scale_bytes(src.fileno(), p):
                 return False
-        for r in shard.copy_runs():
-            n = min(sample, r.length)
-            for offset in (0, r.length - n):
-                if os.pread(src.fileno(), n, r.src + offset) != os.pread(out.fileno(), n, r.dst + offset):
-                    return False
-    return True
+        return samples_equal(src.fileno(), out.fileno(), shard.copy_runs(), sample)
 
 
-class OutputLock:
-    """An exclusive flock on OUTPUT/.resize_block_size/lock, held for the whole run."""
+class FolderLock:
+    """A flock on a folder's own descriptor: exclusive while a run writes OUTPUT (or converts or
+    restores INPUT in place), shared while a conversion reads INPUT, so that no run reads a folder
+    another one is rewriting. Locking the folder itself, not a file inside it, creates nothing in
+    INPUT, leaves nothing in a finished OUTPUT, and stays held while a finishing run removes its
+    state folder (a lock file inside that folder would vanish with it, letting a new run slip in).
+    """
 
-    def __init__(self, output_dir: Path):
-        self.path = output_dir / STATE_DIR / "lock"
+    def __init__(self, folder: Path, exclusive: bool):
+        self.folder = folder
+        self.exclusive = exclusive
         self.fd = -1
 
-    def acquire(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    def acquire(self, create: bool = False) -> None:
+        """Take the lock without waiting; one line if another run holds it. With `create`, make
+        the folder (and its parents) first."""
+        for _ in range(10):
+            if create:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._flock(fd)
+                # A run that was refused before writing removes the OUTPUT it created, under this
+                # lock: what we locked must still be the folder at this path.
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.folder)
+                except FileNotFoundError:
+                    now = None
+                if now is not None and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    self.fd, fd = fd, -1
+                    return
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if not create:
+                break
+        raise _fail(self.folder, "was removed or replaced while this run started; re-run the same command")
+
+    def _flock(self, fd: int) -> None:
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            self.fd = -1
-            raise _fail(self.path.parent.parent, f"another resize-block-size run (pid {holder}) is writing "
-                                                 "this folder; wait for it to finish or stop it")
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+            doing = ("writing or reading this folder" if self.exclusive
+                     else "converting this folder in place or restoring it")
+            raise _fail(self.folder, f"another resize-block-size run is {doing}; "
+                                     "wait for it to finish or stop it") from None
+        except OSError as e:
+            raise _fail(self.folder, f"cannot be locked against other runs ({e.strerror}); "
+                                     "this filesystem does not support flock on folders") from None
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1814,104 +1974,126 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-class ProgressBar:
-    """A byte counter on stderr (tqdm: bytes, GB/s, time left) that appears only once the work
-    has taken `delay` seconds. tqdm is imported at that moment, not before: its import takes
-    ~20 ms, a fifth of a whole copy-on-write conversion, which finishes long before a bar could
-    be read. With quiet=True nothing is ever shown."""
+def check_progress_available(quiet: bool) -> None:
+    """Before anything is written: the progress bar's library is there (a plain copy of the
+    script may be run where tqdm is not installed). Found without importing it (see progress_bar)."""
+    if not quiet and importlib.util.find_spec("tqdm") is None:
+        raise ConversionError("tqdm, which draws the progress bar, is not installed: pip install tqdm, "
+                              "or run with --quiet")
 
-    def __init__(self, total: int, desc: str, quiet: bool = False, delay: float = 0.5):
-        self.total, self.desc, self.quiet = total, desc, quiet
-        self.shown_after = time.monotonic() + delay
-        self.count = 0
-        self.bar = None
 
-    def update(self, n: int) -> None:
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.quiet and time.monotonic() >= self.shown_after:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, initial=self.count, unit="B", unit_scale=True,
-                            unit_divisor=1000, desc=self.desc, dynamic_ncols=True, file=sys.stderr)
+def progress_bar(total: int, desc: str, quiet: bool, delay: float = 0.5):
+    """A byte counter on stderr (bytes, rate, time left) that tqdm shows only once the work has
+    taken `delay` seconds; None with quiet. tqdm is imported here, not with the module, so quiet
+    runs (scripts, the benchmark) never pay for its import."""
+    if quiet:
+        return None
+    check_progress_available(quiet)
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True,
+                file=sys.stderr, delay=delay)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def prepare_writing(todo: list[ShardPlan], copy: str, probe_dir: Path, space_on: Path,
+                    need: Callable[[bool], int], quiet: bool) -> CopyMethod:
+    """What every mode that writes checks before its first write (a conversion, --in-place and
+    --restore alike); returns the copy method. `need(reflink)`: the disk space the run takes."""
+    check_scales_shrink(todo)
+    method = choose_copy_method(copy, todo[0].source if todo else None, probe_dir)
+    check_free_space(space_on, need(method is CopyMethod.REFLINK))
+    return method
 
 
 def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int = 1,
             quiet: bool = False) -> Summary:
-    """Write `plan.output_dir`: shards, then other files, the index, and config.json last."""
+    """Write `plan.output_dir`: shards, then other files, the index, and config.json last.
+
+    The input is locked shared for the whole run (no --in-place or --restore can rewrite it
+    meanwhile) and the output exclusively (one writer at a time)."""
     started = time.monotonic()
-    state = inspect_output(plan)
-    if state.kind == "complete" and not force:
-        return Summary(shards_kept=len(plan.shards), method="already complete")
-    created = not plan.output_dir.exists()
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
-    os.makedirs(plan.output_dir / STATE_DIR, exist_ok=True)
-    lock = OutputLock(plan.output_dir)
-    try:
-        lock.acquire()
-        state = inspect_output(plan)              # again, now that no other run can change it
-        if force:
-            state = OutputState(state.kind)
-        method = choose_copy_method(copy, plan.shards[0].source if plan.shards else None,
-                                    plan.output_dir / STATE_DIR)
-        check_free_space(plan.output_dir, bytes_to_write(plan, state, method == "reflink"))
-        check_scales_shrink([s for s in plan.shards if s.name not in state.done_shards])
-        _write_run_file(plan)
-        summary = _write_all(plan, state, method, workers, quiet)
-        write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
-        lock.release()
-        shutil.rmtree(plan.output_dir / STATE_DIR)
-        _fsync_dir(plan.output_dir)
-    except BaseException as e:
-        held = lock.fd >= 0
-        lock.release()
-        if held and isinstance(e, ConversionError) and not _has_output(plan.output_dir):
-            # Refused before writing anything (e.g. not enough space): leave no trace.
-            shutil.rmtree(plan.output_dir if created else plan.output_dir / STATE_DIR, ignore_errors=True)
-        raise
+    check_progress_available(quiet)
+    with FolderLock(plan.input_dir, exclusive=False):
+        state = inspect_output(plan)
+        if state.kind == "complete" and not force:
+            return Summary(shards_kept=len(plan.shards), method="already complete")
+        created = not plan.output_dir.exists()
+        lock = FolderLock(plan.output_dir, exclusive=True)
+        lock.acquire(create=True)
+        try:
+            state = inspect_output(plan)              # again, now that no other run can change it
+            if state.kind == "complete" and not force:    # another run finished it meanwhile
+                return Summary(shards_kept=len(plan.shards), method="already complete")
+            if force:
+                state = OutputState(state.kind)
+            os.makedirs(plan.output_dir / STATE_DIR, exist_ok=True)
+            todo = [s for s in plan.shards if s.name not in state.done_shards]
+            method = prepare_writing(todo, copy, plan.output_dir / STATE_DIR, plan.output_dir,
+                                     lambda reflink: bytes_to_write(plan, state, reflink), quiet)
+            write_text(plan.output_dir / STATE_DIR / "run.json",
+                       run_record(plan.source_block, plan.target_block, input=str(plan.input_dir.resolve()),
+                                  fingerprint=plan.fingerprint))
+            remove_partials(plan.output_dir, [s.name for s in plan.shards] + [f.relpath for f in plan.other_files])
+            copier = write_files(plan.output_dir, todo, plan.other_files, method=method, workers=workers, quiet=quiet)
+            if plan.index_text is not None:
+                write_text(plan.output_dir / INDEX_NAME, plan.index_text)
+            write_text(plan.output_dir / CONFIG_NAME, plan.config_text)
+            # Still locked while the state folder goes: a run starting now is refused as busy,
+            # it never finds the output half-finished without a state folder.
+            shutil.rmtree(plan.output_dir / STATE_DIR)
+            _fsync_dir(plan.output_dir)
+        except BaseException as e:
+            if isinstance(e, ConversionError) and not _has_output(plan.output_dir):
+                # Refused before writing anything (e.g. not enough space): leave no trace.
+                shutil.rmtree(plan.output_dir if created else plan.output_dir / STATE_DIR, ignore_errors=True)
+            raise
+        finally:
+            lock.release()
+    summary = summarize(todo, len(plan.shards), copier, copier.method.value)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def summarize(todo: list[ShardPlan], total: int, copier: ByteCopier, method: str) -> Summary:
+    """The Summary of a run that wrote `todo` of `total` shards (any mode)."""
+    return Summary(shards_written=len(todo), shards_kept=total - len(todo),
+                   scales=sum(len(s.scales) for s in todo), bytes_written=copier.total,
+                   bytes_shared=copier.shared, method=method)
+
+
+def run_record(source_block: tuple[int, int], target_block: tuple[int, int], **fields: object) -> str:
+    """The text of a run.json: an unfinished conversion's (in OUTPUT, `input` and `fingerprint`)
+    or an in-place conversion's record (in INPUT, `mode`, `shards`, `index`)."""
+    run = {"tool": PROG, "version": __version__, "source_block": list(source_block),
+           "target_block": list(target_block), **fields}
+    return json.dumps(run, indent=2) + "\n"
 
 
 def _has_output(output_dir: Path) -> bool:
     return any(p.name != STATE_DIR for p in output_dir.iterdir())
 
 
-def _write_run_file(plan: Plan) -> None:
-    run = {"tool": PROG, "version": __version__, "input": str(plan.input_dir.resolve()),
-           "source_block": list(plan.source_block), "target_block": list(plan.target_block),
-           "fingerprint": plan.fingerprint}
-    write_text(plan.output_dir / STATE_DIR / "run.json", json.dumps(run, indent=2) + "\n")
+def remove_partials(out: Path, relpaths: list[str]) -> None:
+    """Remove the `.NAME.partial` files a killed run left for any of these files, in subfolders
+    too. Only ours by name, and never through a symlink planted in `out` (writing refuses those
+    in one line later)."""
+    for rel in relpaths:
+        folder = out
+        for part in Path(rel).parent.parts:
+            folder = folder / part
+            try:
+                if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    break
+            except OSError:
+                break
+        else:
+            _unlink_quietly(_partial_path(out / rel))
 
 
-def _write_all(plan: Plan, state: OutputState, method: str, workers: int, quiet: bool) -> Summary:
-    todo = [s for s in plan.shards if s.name not in state.done_shards]
-    copier = write_files(plan.output_dir, todo, plan.other_files, method=method, workers=workers, quiet=quiet)
-    if plan.index_text is not None:
-        write_text(plan.output_dir / INDEX_NAME, plan.index_text)
-    return Summary(shards_written=len(todo), shards_kept=len(plan.shards) - len(todo),
-                   scales=sum(len(s.scales) for s in todo),
-                   bytes_written=copier.total,
-                   bytes_shared=copier.shared, method=copier.method)
-
-
-def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, method: str,
+def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = (), *, method: CopyMethod,
                 workers: int = 1, quiet: bool = False) -> ByteCopier:
     """Write shards and copy other files into `out`, with one progress bar over all their bytes."""
-    for stale in out.glob(".*.partial"):      # left by a killed run; ours by name
-        _unlink_quietly(stale)
     total = sum(s.out_size for s in shards) + sum(f.size for f in others)
-    bar = ProgressBar(total, "converting", quiet)
+    bar = progress_bar(total, "converting", quiet)
     bar_lock = threading.Lock()
 
     def advance(n: int) -> None:
@@ -1919,13 +2101,14 @@ def write_files(out: Path, shards: list[ShardPlan], others: list[OtherFile] = ()
             bar.update(n)
 
     stop = threading.Event()
-    copier = ByteCopier(method, advance, stop)
+    copier = ByteCopier(method, advance if bar is not None else (lambda n: None), stop)
     jobs: list[Callable[[], None]] = [(lambda s=s: write_shard(s, out, copier)) for s in shards]
     jobs += [(lambda f=f: copy_other_file(f, out, copier)) for f in others]
     try:
         run_jobs(jobs, workers, stop)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     for folder in {out, *(out / Path(f.relpath).parent for f in others)}:
         _fsync_dir(folder)                    # every rename above, flushed once per folder
     return copier
@@ -1944,7 +2127,7 @@ def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event
         for job in jobs:
             job()
         return
-    # Imported here: it pulls in logging, 3 ms that a one-worker copy-on-write run need not pay.
+    # Imported here: it pulls in logging, which a one-worker copy-on-write run need not pay for.
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = [pool.submit(job) for job in jobs]
@@ -1972,6 +2155,9 @@ def run_jobs(jobs: list[Callable[[], None]], workers: int, stop: threading.Event
 # change and the original scales are every (2, 2)-th element of the new ones, so that is enough.
 # Progress needs no record: each shard is either the original (its recorded size and header) or
 # the converted one (the planned size and header); anything else is refused.
+# run.json is written last, so a state folder without it means a run was stopped while recording,
+# before it replaced anything. Both modes hold an exclusive lock on INPUT (`FolderLock`) for as
+# long as they touch the state folder or the shards.
 
 def _state_path(folder: Path) -> Path:
     return folder / STATE_DIR
@@ -1980,6 +2166,7 @@ def _state_path(folder: Path) -> Path:
 def save_in_place_state(ckpt: Checkpoint, target: tuple[int, int]) -> None:
     """Record the original headers, config and index, flushed, before anything is replaced."""
     state = _state_path(ckpt.folder)
+    state.mkdir(exist_ok=True)
     _make_dirs(state, Path("original/headers"))
     for h in ckpt.headers:
         write_atomic(state / "original/headers" / h.name, lambda fd, h=h: _pwrite_all(fd, h.prefix, 0),
@@ -1988,34 +2175,117 @@ def save_in_place_state(ckpt: Checkpoint, target: tuple[int, int]) -> None:
     write_text(state / "original" / CONFIG_NAME, ckpt.config_text)
     if ckpt.index_text is not None:
         write_text(state / "original" / INDEX_NAME, ckpt.index_text)
-    run = {"tool": PROG, "version": __version__, "mode": "in-place",
-           "source_block": list(ckpt.source_block), "target_block": list(target),
-           "shards": {h.name: h.size for h in ckpt.headers}}
-    write_text(state / "run.json", json.dumps(run, indent=2) + "\n")     # last: marks the state complete
+    _fsync_dir(state)
+    write_text(state / "run.json",                    # last: marks the record complete
+               run_record(ckpt.source_block, target, mode="in-place",
+                          shards={h.name: h.size for h in ckpt.headers}, index=ckpt.index_text is not None))
+
+
+def _damaged(state: Path, problem: str) -> ConversionError:
+    return _fail(state, f"the in-place record is damaged or incomplete ({problem}); it was kept and nothing "
+                        "was changed: restore the shards from the original download")
+
+
+def _block_problem(value: object) -> bool:
+    return not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value))
+
+
+def record_problem(run: object) -> str | None:
+    """What is wrong with a parsed run.json of an in-place conversion, or None.
+
+    >>> record_problem({"mode": "in-place", "source_block": [128, 128], "target_block": [64, 64],
+    ...                 "shards": {"a.safetensors": 4096}})
+    >>> record_problem({"mode": "in-place", "source_block": [128, 128], "target_block": [64, 64],
+    ...                 "shards": {"../a.safetensors": 4096}})
+    "shard name '../a.safetensors' is not a plain .safetensors file name"
+    """
+    if not isinstance(run, dict):
+        return "run.json is not a JSON object"
+    for key in ("source_block", "target_block"):
+        if _block_problem(run.get(key)):
+            return f"{key} is {json.dumps(run.get(key))}, expected two positive integers"
+    shards = run.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        return "shards is not a non-empty object of file names to sizes"
+    for name, size in shards.items():
+        if "/" in name or "\\" in name or not name.endswith(".safetensors") or name.startswith("."):
+            return f"shard name {name!r} is not a plain .safetensors file name"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+            return f"{name}: size {json.dumps(size)} is not a whole number of bytes"
+    if not isinstance(run.get("index", False), bool):
+        return "index is not true or false"
+    return None
 
 
 def load_in_place_state(folder: Path) -> tuple[Checkpoint, tuple[int, int]] | None:
     """The original checkpoint as recorded before an in-place conversion, and its target block;
-    None if there is no complete record."""
+    None if there is no record (no run.json: none was made, or the run was stopped while
+    recording). A record that is damaged, incomplete or does not parse is refused in one line and
+    left as it is."""
     state = _state_path(folder)
-    try:
-        run = json.loads((state / "run.json").read_text())
-    except (OSError, ValueError):
+    run_path = state / "run.json"
+    if not os.path.lexists(run_path):
         return None
-    if not isinstance(run, dict) or run.get("mode") != "in-place":
+    try:
+        run = json.loads(run_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _damaged(state, f"run.json cannot be read as JSON: {getattr(e, 'strerror', None) or e}")
+    if isinstance(run, dict) and run.get("mode") != "in-place":
         raise _fail(state, "is not an in-place conversion record of this tool; remove it or move it away")
-    config_text = (state / "original" / CONFIG_NAME).read_text(encoding="utf-8")
-    config = json.loads(config_text)
-    quant = read_quant_format(config, state / "original" / CONFIG_NAME)
-    source = quant.block
-    headers = [parse_shard_header(folder / name, name, size, (state / "original/headers" / name).read_bytes())
-               for name, size in sorted(run["shards"].items())]
-    index_path = state / "original" / INDEX_NAME
-    index_text = index_path.read_text(encoding="utf-8") if index_path.exists() else None
-    pairs, fp8 = pair_scales(headers, source, quant.scale_suffix)
-    ckpt = Checkpoint(folder, config_text, config, source, headers, index_text,
-                      json.loads(index_text) if index_text else None, pairs, fp8, [], quant=quant)
+    problem = record_problem(run)
+    if problem:
+        raise _damaged(state, problem)
+    try:
+        config_text = (state / "original" / CONFIG_NAME).read_text(encoding="utf-8")
+        config = json.loads(config_text)
+        quant = read_quant_format(config, state / "original" / CONFIG_NAME)
+        source = quant.block
+        if list(source) != run["source_block"]:
+            raise _damaged(state, f"the saved config.json has {block_name(source)} blocks, run.json "
+                                  f"{block_name(run['source_block'])}")
+        check_target_block(source, tuple(run["target_block"]))
+        headers = []
+        for name, size in sorted(run["shards"].items()):
+            prefix = (state / "original/headers" / name).read_bytes()
+            headers.append(parse_shard_header(folder / name, name, size, prefix))
+        index_path = state / "original" / INDEX_NAME
+        if run.get("index", index_path.exists()) != index_path.exists():
+            raise _damaged(state, f"original/{INDEX_NAME} is " + ("missing" if run.get("index") else "unexpected"))
+        index_text = index_path.read_text(encoding="utf-8") if index_path.exists() else None
+        index = json.loads(index_text) if index_text is not None else None
+        pairs, fp8 = pair_scales(headers, source, quant.scale_suffix)
+    except ConversionError as e:
+        raise _damaged(state, str(e)) from None
+    except (OSError, ValueError) as e:
+        raise _damaged(state, f"{getattr(e, 'filename', None) or 'a saved file'}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+    ckpt = Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8, [], quant=quant)
     return ckpt, tuple(run["target_block"])
+
+
+def check_unrecorded_state(folder: Path) -> None:
+    """A state folder without run.json is a run stopped while recording, which replaced nothing:
+    every original header saved so far must still begin its shard, and a saved config.json must
+    still be the folder's. Anything else is damage, refused in one line."""
+    state = _state_path(folder)
+    headers = state / "original/headers"
+    for saved in sorted(headers.iterdir()) if headers.is_dir() else []:
+        if saved.name.startswith("."):
+            continue                                   # a .partial left by the stopped run
+        prefix = saved.read_bytes()
+        try:
+            with open(folder / saved.name, "rb") as f:
+                same = f.read(len(prefix)) == prefix
+                # The saved header must also describe a file of the shard's size, as it did.
+                parse_shard_header(folder / saved.name, saved.name, os.fstat(f.fileno()).st_size, prefix)
+        except (OSError, ConversionError):
+            same = False
+        if not same:
+            raise _damaged(state, f"no run.json, and {saved.name} is not the shard whose header was saved")
+    config = state / "original" / CONFIG_NAME
+    if config.is_file() and not same_file_content(folder / CONFIG_NAME, config.read_bytes()):
+        raise _damaged(state, f"no run.json, and {CONFIG_NAME} differs from the saved one")
 
 
 def in_place_extra_bytes(shards: list[ShardPlan], reflink: bool = False) -> int:
@@ -2028,101 +2298,105 @@ def convert_in_place(ckpt: Checkpoint, target: tuple[int, int], *, recorded: boo
     """Convert `ckpt.folder` itself to `target` blocks, one shard at a time. `recorded`: the
     checkpoint comes from the state of an earlier, interrupted or finished, in-place run."""
     started = time.monotonic()
+    check_progress_available(quiet)
     plan = make_plan(ckpt, ckpt.folder, target)
     check_scales_shrink(plan.shards)              # going back (e.g. 64 -> 128): refuse before recording
-    with _locked_state(ckpt.folder):
+    with FolderLock(ckpt.folder, exclusive=True):
+        # What the caller read before the lock may be stale: another run may have recorded,
+        # converted or restored since. The shards themselves are checked when opened.
+        if (load_in_place_state(ckpt.folder) is not None) != recorded:
+            raise _fail(ckpt.folder, "was converted or restored in place by another run meanwhile; "
+                                     "re-run the same command")
         if not recorded:
+            if _state_path(ckpt.folder).exists():
+                check_unrecorded_state(ckpt.folder)
             save_in_place_state(ckpt, target)
-        summary = _convert_shards_in_place(ckpt, plan, copy, quiet)
+        summary = _replace_in_place(ckpt, plan, forward=True, copy=copy, quiet=quiet)
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def restore_in_place(folder: Path, *, copy: str = "auto", quiet: bool = False) -> Summary:
     """Give back the original files of a folder converted in place, byte for byte, and remove the
-    state folder."""
+    state folder. Success only once every shard, config.json and the index were read back equal
+    to the record."""
     started = time.monotonic()
-    recorded = load_in_place_state(folder) if folder.is_dir() else None
+    check_progress_available(quiet)
     trash = folder / (STATE_DIR + ".removing")
-    if recorded is None:
-        # Killed while recording (nothing was replaced before run.json) or while removing the
-        # record (everything was restored): either way the shards are the original ones.
-        leftovers = [p for p in (_state_path(folder), trash) if p.is_dir()]
-        if not leftovers:
-            raise _fail(folder, "has no record of an in-place conversion (none was made here, or a --restore "
-                                "finished and removed it); to go back to the original blocks from a separate "
-                                "output, convert it with --block-size 128 (the original block)")
-        for p in leftovers:
-            shutil.rmtree(p)
-        return Summary(method="restored")
-    ckpt, target = recorded
-    with _locked_state(folder):
-        summary = _restore_shards(ckpt, make_plan(ckpt, folder, target), copy, quiet)
-        shutil.rmtree(trash, ignore_errors=True)
+    if not folder.is_dir():
+        raise _no_record(folder)
+    with FolderLock(folder, exclusive=True):
+        recorded = load_in_place_state(folder)
+        if recorded is None:
+            # Stopped while recording (nothing was replaced before run.json: checked here) or while
+            # removing the record (everything was restored): either way the shards are the originals.
+            if _state_path(folder).is_dir():
+                check_unrecorded_state(folder)
+            leftovers = [p for p in (_state_path(folder), trash) if p.is_dir()]
+            if not leftovers:
+                raise _no_record(folder)
+            for p in leftovers:
+                shutil.rmtree(p)
+            _fsync_dir(folder)
+            return Summary(method="restored")
+        ckpt, target = recorded
+        summary = _replace_in_place(ckpt, make_plan(ckpt, folder, target), forward=False, copy=copy, quiet=quiet)
+        check_restored(ckpt)
+        if trash.exists():
+            shutil.rmtree(trash)
         os.replace(_state_path(folder), trash)    # atomic: the record is gone as a whole or not at all
-    shutil.rmtree(trash)
-    _fsync_dir(folder)
+        shutil.rmtree(trash)
+        _fsync_dir(folder)
     summary.seconds = time.monotonic() - started
     return summary
 
 
-class _locked_state:
-    """Hold the lock of the state folder inside `folder` (created if needed)."""
-
-    def __init__(self, folder: Path):
-        _state_path(folder).mkdir(exist_ok=True)
-        self.lock = OutputLock(folder)
-
-    def __enter__(self) -> None:
-        self.lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
+def _no_record(folder: Path) -> ConversionError:
+    return _fail(folder, "has no record of an in-place conversion (none was made here, or a --restore "
+                         "finished and removed it); to go back to the original blocks from a separate "
+                         "output, convert it with --block-size 128 (the original block)")
 
 
-def _convert_shards_in_place(ckpt: Checkpoint, plan: Plan, copy: str, quiet: bool) -> Summary:
+def check_restored(ckpt: Checkpoint) -> None:
+    """Before a restore says so: every shard has its recorded size and header, and config.json and
+    the index are the recorded originals. The record is kept otherwise."""
+    for h in ckpt.headers:
+        if not file_starts_with(ckpt.folder / h.name, h.size, h.prefix):
+            raise _fail(h.name, "is not the original after restoring (size or header differ from the record); "
+                                "the record was kept")
+    expected = [(CONFIG_NAME, ckpt.config_text)] + ([(INDEX_NAME, ckpt.index_text)] if ckpt.index_text else [])
+    for name, text in expected:
+        if not same_file_content(ckpt.folder / name, text.encode("utf-8")):
+            raise _fail(ckpt.folder / name, "is not the original after restoring; the record was kept")
+
+
+def _replace_in_place(ckpt: Checkpoint, plan: Plan, *, forward: bool, copy: str, quiet: bool) -> Summary:
+    """Replace shards one at a time (each written beside the old one, then renamed over it), then
+    the index, then config.json: to `plan`'s converted files (forward) or back to the recorded
+    originals. Every shard must be one of the two versions; those already as wanted are kept."""
+    folder = ckpt.folder
     todo = []
     for shard, original in zip(plan.shards, ckpt.headers):
-        path = ckpt.folder / shard.name
-        if shard_is_complete(path, shard):
+        path = folder / shard.name
+        converted = shard_is_complete(path, shard)
+        if converted if forward else file_starts_with(path, original.size, original.prefix):
             continue
-        if not file_starts_with(path, original.size, original.prefix):
+        if forward and not file_starts_with(path, original.size, original.prefix):
             raise _fail(shard.name, "is neither the original shard nor its converted version; restore it from "
                                     "the download before converting in place")
-        todo.append(shard)
-    return _replace_shards(ckpt.folder, todo, len(plan.shards), plan.index_text, plan.config_text,
-                           copy, quiet, "in-place")
-
-
-def _restore_shards(ckpt: Checkpoint, forward: Plan, copy: str, quiet: bool) -> Summary:
-    todo = []
-    for shard, original in zip(forward.shards, ckpt.headers):
-        path = ckpt.folder / shard.name
-        if file_starts_with(path, original.size, original.prefix):
-            continue
-        if not shard_is_complete(path, shard):
+        if not forward and not converted:
             raise _fail(shard.name, "is neither the converted shard nor the original; it was changed after the "
                                     "in-place conversion, cannot restore it exactly")
-        todo.append(invert_shard(shard, original))
-    check_scales_shrink(todo)
-    return _replace_shards(ckpt.folder, todo, len(forward.shards), ckpt.index_text, ckpt.config_text,
-                           copy, quiet, "restored")
-
-
-def _replace_shards(folder: Path, todo: list[ShardPlan], total: int, index_text: str | None,
-                    config_text: str, copy: str, quiet: bool, what: str) -> Summary:
-    """Replace shards one at a time (each written beside the old one, then renamed over it), then
-    the index, then config.json."""
-    method = choose_copy_method(copy, todo[0].source if todo else None, _state_path(folder))
-    check_free_space(folder, in_place_extra_bytes(todo, method == "reflink"))
+        todo.append(shard if forward else invert_shard(shard, original))
+    index_text, config_text = (plan.index_text, plan.config_text) if forward else (ckpt.index_text, ckpt.config_text)
+    method = prepare_writing(todo, copy, _state_path(folder), folder,
+                             lambda reflink: in_place_extra_bytes(todo, reflink), quiet)
+    remove_partials(folder, [s.name for s in plan.shards])
     copier = write_files(folder, todo, method=method, quiet=quiet)
     if index_text is not None:
         write_text(folder / INDEX_NAME, index_text)
     write_text(folder / CONFIG_NAME, config_text)
-    return Summary(shards_written=len(todo), shards_kept=total - len(todo),
-                   scales=sum(len(s.scales) for s in todo),
-                   bytes_written=copier.total,
-                   bytes_shared=copier.shared, method=what)
+    return summarize(todo, len(plan.shards), copier, "in-place" if forward else "restored")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2162,11 +2436,16 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
     out = plan.output_dir
     total = (sum(p.src_end - p.src_begin for s in plan.shards for p in s.pieces)
              + sum(f.size for f in plan.other_files))
-    with ProgressBar(total, "verifying", quiet) as bar:
+    bar = progress_bar(total, "verifying", quiet)
+    update = bar.update if bar is not None else (lambda n: None)
+    try:
         for shard in plan.shards:
-            _verify_shard(plan, shard, report, bar.update)
+            _verify_shard(plan, shard, report, update)
         for item in plan.other_files:
-            _verify_other_file(out, item, report, bar.update)
+            _verify_other_file(out, item, report, update)
+    finally:
+        if bar is not None:
+            bar.close()
     _verify_json(out / CONFIG_NAME, plan.config_text, report,
                  "differs from the input's config.json with only weight_block_size changed")
     block_problem = block_config_problem(out / CONFIG_NAME, plan.target_block, plan.quant_locations)
@@ -2190,8 +2469,7 @@ def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: 
     except ConversionError as e:
         report.problems.append(str(e))
         return
-    metadata = dict(read_shard_header(shard.source, shard.name).metadata or {})
-    metadata.setdefault("format", "pt")
+    metadata = output_metadata(read_shard_header(shard.source, shard.name).metadata)
     if header.metadata != metadata:
         report.problems.append(f"{shard.name}: __metadata__ {header.metadata} differs from the input's {metadata}")
     written = {t.name: t for t in header.tensors}

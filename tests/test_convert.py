@@ -479,18 +479,20 @@ def test_quiet_prints_nothing(ckpt, tmp_path):
 
 
 def test_progress_bar_counts_bytes_and_rate_once_the_run_lasts(capsys):
-    with rbs.ProgressBar(5_000_000, "converting", delay=0) as bar:
-        bar.update(2_000_000)
-        bar.update(3_000_000)
+    bar = rbs.progress_bar(5_000_000, "converting", quiet=False, delay=0)
+    bar.update(2_000_000)
+    bar.update(3_000_000)
+    bar.close()
     err = capsys.readouterr().err
     assert "converting" in err and "5.00M/5.00M" in err and "B/s" in err, err
 
 
 def test_progress_bar_stays_hidden_for_a_run_shorter_than_its_delay_and_with_quiet(capsys):
-    for bar in (rbs.ProgressBar(100, "converting", delay=60), rbs.ProgressBar(100, "converting", quiet=True, delay=0)):
-        with bar:
-            bar.update(100)
-        assert bar.count == 100
+    bar = rbs.progress_bar(100, "converting", quiet=False, delay=60)
+    bar.update(100)
+    bar.close()
+    assert bar.n == 100
+    assert rbs.progress_bar(100, "converting", quiet=True, delay=0) is None
     assert capsys.readouterr().err == ""
 
 
