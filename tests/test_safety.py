@@ -443,11 +443,6 @@ def _(root: Path) -> Invalid:
     return Invalid([model_at(root), "--block-size", "8"], ["8x8", "below 16"])
 
 
-@invalid("target-block-equals-source")
-def _(root: Path) -> Invalid:
-    return Invalid([model_at(root), "--block-size", "128"], ["already", "128x128", "nothing to convert"])
-
-
 @invalid("block-size-not-a-number")
 def _(root: Path) -> Invalid:
     return Invalid([model_at(root), "--block-size", "abc"], ["--block-size", "'abc'"])
