@@ -2117,9 +2117,8 @@ class Console:
 
     def finish(self, code: int) -> None:
         if self.as_json:
-            self.result.setdefault("ok", code == 0)
-            self.result.setdefault("exit_code", code)
-            _print_stdout(json.dumps(self.result, indent=2, default=str))
+            result = {"ok": code == 0, "exit_code": code, **self.result}
+            _print_stdout(json.dumps(result, indent=2, default=str))
 
 
 def _print_stdout(text: str) -> None:
@@ -2272,15 +2271,19 @@ def check_going_back(plan: Plan) -> None:
     """A target larger than the source block undoes an earlier conversion to smaller blocks; on a
     checkpoint quantized at its own block it cannot work, and the message says so first."""
     source, target = plan.source_block, plan.target_block
-    if all(t >= s for s, t in zip(source, target)):
-        try:
-            check_scales_shrink(plan.shards)
-        except ConversionError as e:
-            raise ConversionError(
-                f"--block-size {block_name(target)} is larger than the source block {block_name(source)}: only "
-                f"a checkpoint made by splitting {block_name(target)} blocks can go back to them, and this one "
-                f"was not ({e}); give a block that divides {block_name(source)}, such as "
-                f"{block_name((source[0] // 2, source[1] // 2))}") from None
+    if not all(t >= s for s, t in zip(source, target)):
+        return
+    for shard in plan.shards:
+        with open(shard.source, "rb") as f:
+            for p in shard.scales:
+                try:
+                    new_scale_bytes(f.fileno(), p, shard.name)
+                except ConversionError:
+                    raise _fail(shard.name, f"{p.name}: --block-size {block_name(target)} is larger than the source "
+                                            f"block {block_name(source)}, which only undoes an earlier conversion to "
+                                            f"smaller blocks (every scale repeated), and this scale is not repeated; "
+                                            f"give a block that divides {block_name(source)}, such as "
+                                            f"{block_name((source[0] // 2, source[1] // 2))}") from None
 
 
 def copy_policy(args: argparse.Namespace) -> str:
@@ -2442,7 +2445,8 @@ def print_plan(info: dict) -> None:
         say(f"  in place: peak extra disk {human_bytes(info['in_place_extra_bytes'])} (the largest new shard)")
     if info["free_bytes"] is not None:
         say(f"  free space      {human_bytes(info['free_bytes'])}")
-    say(f"  {'input now' if info.get('in_place') else 'output now'}      {describe_state_text(info['output_state'])}")
+    label = "input now" if info.get("in_place") else "output now"
+    say(f"  {label:<16}{describe_state_text(info['output_state'])}")
     say("  largest block each tensor-parallel degree can load (EP: experts not split):")
     say("    ranks" + "".join(f"{tp:>6}" for tp in info["tp"]))
     for key, label in (("tp", "TP   "), ("tp_ep", "TP+EP")):
