@@ -2112,7 +2112,10 @@ class Console:
 
     def error(self, message: str, code: int, prefix: str = "error: ") -> int:
         self.result.update(ok=False, exit_code=code, error=message)
-        print(f"{PROG}: {prefix}{message}", file=sys.stderr)
+        try:
+            print(f"{PROG}: {prefix}{message}", file=sys.stderr)
+        except BrokenPipeError:
+            pass                # nobody reads stderr; the exit code still says it
         return code
 
     def finish(self, code: int) -> None:
@@ -2154,10 +2157,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted):
         code = console.error("interrupted; finished shards are kept, re-run the same command to resume",
                              130, prefix="")
-    except BrokenPipeError:
-        _stdout_closed()
-        code = 0
-    except OSError as e:
+    except OSError as e:      # a broken pipe here is stderr's (stdout's are absorbed), and it did stop the run
         code = console.error(_describe_os_error(e, console.result.get("default_output", False)), 1)
     console.finish(code)
     return code

@@ -562,3 +562,20 @@ def test_readme_dry_run_of_the_example_is_the_real_output():
 def test_example_stays_a_few_mb():
     size = sum(p.stat().st_size for p in EXAMPLE.rglob("*") if p.is_file())
     assert size < 10e6
+
+
+def test_json_interrupted_run_is_an_object_with_exit_130(ckpt, tmp_path, monkeypatch, capsys):
+    # A signal cannot be timed against a 0.1 s run from outside (test_safety does it on a big
+    # checkpoint, in text mode); here the interrupt comes from inside the writer instead.
+    import resize_block_size
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(resize_block_size, "write_files", interrupted)
+    monkeypatch.setattr(resize_block_size.signal, "signal", lambda *a: None)   # keep pytest's SIGTERM
+    code = resize_block_size.main([str(ckpt), "-o", str(tmp_path / "out"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 130
+    data = json.loads(captured.out)
+    assert data["exit_code"] == 130 and data["ok"] is False and "re-run the same command" in data["error"]
+    assert captured.err.startswith("resize-block-size: interrupted;")
