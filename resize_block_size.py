@@ -2012,17 +2012,19 @@ def snapshot_in_cache(repo: str, revision: str | None, cache_dir: Path | None) -
     try:
         import huggingface_hub
         from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
     except ImportError:
         raise _fail(label, "is not a folder, and huggingface_hub (needed to find it in the Hugging Face cache) "
                            "is not installed; pip install huggingface_hub, or give the model folder")
     try:
         folder = snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True)
-    except Exception as e:    # LocalEntryNotFoundError, HFValidationError: their module moved over versions
+    except (LocalEntryNotFoundError, HFValidationError):
         cache = cache_dir or constants.HF_HUB_CACHE
+        # huggingface_hub 1.0 replaced the huggingface-cli command with hf.
         cli = "hf download" if int(huggingface_hub.__version__.split(".")[0]) >= 1 else "huggingface-cli download"
         download = f"{cli} {repo}" + (f" --revision {revision}" if revision else "")
-        raise _fail(label, f"is not a folder and not in the Hugging Face cache {cache} ({type(e).__name__}); "
-                           f"download it first ({download}) or give the model folder")
+        raise _fail(label, f"is not a folder and not in the Hugging Face cache {cache}; "
+                           f"download it first ({download}) or give the model folder") from None
     return InputFolder(Path(folder), repo)
 
 
@@ -2484,8 +2486,16 @@ def report_plan(info: dict, console: Console) -> int:
     return 0
 
 
+def reported_outcome(plan: Plan, s: Summary) -> Outcome:
+    """What to tell: a run that found every shard already converted did nothing worth reporting,
+    even if it rewrote config.json or the index to finish an interrupted run."""
+    if s.outcome != "restored" and s.shards_written == 0 and s.shards_kept == len(plan.shards):
+        return "already complete"
+    return s.outcome
+
+
 def report_summary(plan: Plan, s: Summary, console: Console) -> None:
-    console.result.update(outcome=s.outcome, output=str(plan.output_dir),
+    console.result.update(outcome=reported_outcome(plan, s), output=str(plan.output_dir),
                           source_block=list(plan.source_block), target_block=list(plan.target_block),
                           summary=dataclasses.asdict(s))
     if not (console.quiet or console.as_json):
@@ -2493,7 +2503,7 @@ def report_summary(plan: Plan, s: Summary, console: Console) -> None:
 
 
 def print_summary(plan: Plan, s: Summary) -> None:
-    if s.outcome == "already complete" or (s.shards_written == 0 and s.shards_kept == len(plan.shards)):
+    if reported_outcome(plan, s) == "already complete":
         _print_stdout(f"{plan.output_dir}: already converted to {block_name(plan.target_block)}; nothing to do")
         return
     kept = f", {s.shards_kept} kept from an earlier run" if s.shards_kept else ""

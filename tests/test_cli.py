@@ -12,6 +12,7 @@ import resource
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,13 +156,27 @@ def test_repo_id_is_found_under_hf_home_when_hf_hub_cache_is_unset(cache, tmp_pa
     converted(cache["a"], cache["work"] / "DeepSeek-V3-Block64x64")
 
 
-def test_repo_id_not_in_the_cache_says_so_and_how_to_download_it(cache):
-    result = run_cli("deepseek-ai/DeepSeek-R1", cwd=cache["work"], env=hub_env(cache["hub"]))
+@pytest.mark.parametrize("given, download", [
+    ("deepseek-ai/DeepSeek-R1", "download deepseek-ai/DeepSeek-R1"),
+    (REPO + "@no-such-branch", f"download {REPO} --revision no-such-branch"),
+], ids=["repo", "revision"])
+def test_repo_id_not_in_the_cache_says_so_and_how_to_download_it(cache, given, download):
+    before = listing(cache["hub"])
+    result = run_cli(given, cwd=cache["work"], env=hub_env(cache["hub"]))
     line = one_error_line(result)
-    assert "deepseek-ai/DeepSeek-R1" in line and "not in the Hugging Face cache" in line
-    assert re.search(r"(hf|huggingface-cli) download deepseek-ai/DeepSeek-R1", line), line
+    assert line.startswith(ERROR + given + ": ") and "not in the Hugging Face cache" in line
+    assert re.search(r"\((hf|huggingface-cli) " + re.escape(download) + r"\)", line), line
     assert str(cache["hub"]) in line
-    assert list(cache["work"].iterdir()) == []
+    assert list(cache["work"].iterdir()) == [] and listing(cache["hub"]) == before
+
+
+def test_huggingface_hub_is_not_imported_for_a_model_folder(ckpt, tmp_path):
+    code = ("import sys, resize_block_size as r; "
+            f"r.main([{str(ckpt)!r}, '-o', {str(tmp_path / 'out')!r}, '-q']); "
+            "print('huggingface_hub' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout == "False\n"
+    assert (tmp_path / "out" / "config.json").exists()
 
 
 def test_snapshot_folder_as_input_writes_the_default_output_outside_the_cache(cache):
@@ -243,6 +258,14 @@ def test_json_in_place_and_restore(ckpt):
     assert data["outcome"] == "converted in place" and data["summary"]["shards_written"] == 3
     data = json_of(run_cli(ckpt, "--restore", "--json"))
     assert data["outcome"] == "restored" and data["summary"]["shards_written"] == 3
+
+
+def test_json_rerun_of_a_finished_in_place_conversion_says_already_complete(ckpt):
+    run_cli(ckpt, "--in-place", "-q", check=True)
+    result = run_cli(ckpt, "--in-place", "--json")
+    data = json_of(result)
+    assert data["outcome"] == "already complete" and data["summary"]["shards_kept"] == 3
+    assert run_cli(ckpt, "--in-place", check=True).stdout.startswith(f"{ckpt}: already converted to 64x64")
 
 
 def test_quiet_json_still_prints_the_object(ckpt, tmp_path):
