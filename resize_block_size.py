@@ -2423,9 +2423,15 @@ def describe_output_state(plan: Plan, force: bool) -> dict:
 
 
 def describe_in_place_state(plan: Plan, ckpt: Checkpoint, recorded: bool) -> dict:
-    """How far an --in-place conversion of INPUT is, read-only."""
+    """How far an --in-place conversion of INPUT is, read-only (the checks convert_in_place makes)."""
     done = sorted(s.name for s in plan.shards if shard_is_complete(plan.output_dir / s.name, s))
     todo = [s for s in plan.shards if s.name not in done]
+    originals = {h.name: h for h in ckpt.headers}
+    for s in todo:
+        original = originals[s.name]
+        if not file_starts_with(plan.output_dir / s.name, original.size, original.prefix):
+            return {"state": "refused", "reason": f"{s.name}: is neither the original shard nor its converted "
+                                                  "version; restore it from the download first"}
     finished = (recorded and not todo
                 and same_file_content(plan.output_dir / CONFIG_NAME, plan.config_text.encode()))
     return {"state": "complete" if finished else "resume" if recorded else "new", "shards_kept": len(done),

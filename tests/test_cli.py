@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, deepseek, dequantized, run_cli, snapshot, tc
 
@@ -602,3 +603,24 @@ def test_json_interrupted_run_is_an_object_with_exit_130(ckpt, tmp_path, monkeyp
     data = json.loads(captured.out)
     assert data["exit_code"] == 130 and data["ok"] is False and "re-run the same command" in data["error"]
     assert captured.err.startswith("resize-block-size: interrupted;")
+
+
+def test_serving_hint_for_128x128_blocks_keeps_the_default_kernels(tmp_path):
+    run_cli(EXAMPLE, "-o", tmp_path / "b64", "-q", check=True)
+    serve = json_of(run_cli(tmp_path / "b64", "-o", tmp_path / "b128", "--block-size", "128", "--json"))["serve"]
+    assert serve["block"] == [128, 128] and serve["tp"] == 16
+    assert "triton" not in serve["sglang"] and "DEEP_GEMM" not in serve["vllm"] and "sglang_older" not in serve
+
+
+def test_dry_run_in_place_on_a_changed_shard_says_it_would_be_refused(small_first, tmp_path):
+    ckpt = small_first
+    sizes = output_sizes(ckpt, tmp_path)
+    interrupted_by_full_disk([ckpt, "--in-place", "-q", "--no-reflink"], sizes["model-00001-of-00003.safetensors"])
+    shard = ckpt / "model-00003-of-00003.safetensors"      # not converted yet: replace it with another file
+    tensors = load_file(shard)
+    save_file(tensors, shard, metadata={"format": "pt", "edited": "yes"})
+    data = json_of(run_cli(ckpt, "--in-place", "--dry-run", "--json"))
+    assert data["output_state"]["state"] == "refused" and shard.name in data["output_state"]["reason"]
+    assert "would be refused: " + shard.name in run_cli(ckpt, "--in-place", "--dry-run", check=True).stdout
+    line = one_error_line(run_cli(ckpt, "--in-place"))     # and the real run does refuse it
+    assert shard.name in line and "neither the original shard nor its converted version" in line
