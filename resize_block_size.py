@@ -2601,7 +2601,7 @@ def _describe_os_error(e: OSError, default_output: bool = False) -> str:
         return f"{where}: file too large for this filesystem or ulimit -f; the partial file was removed. " \
                "Raise the limit and re-run the same command to resume"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and default_output:
-        return f"{where}: {e.strerror or e}; the default output is next to INPUT, choose a writable folder with -o"
+        return f"{where}: {e.strerror or e}; the default output folder is not writable here, choose a writable folder with -o"
     return f"{where}: {e.strerror or e}"
 
 

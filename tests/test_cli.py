@@ -624,3 +624,14 @@ def test_dry_run_in_place_on_a_changed_shard_says_it_would_be_refused(small_firs
     assert "would be refused: " + shard.name in run_cli(ckpt, "--in-place", "--dry-run", check=True).stdout
     line = one_error_line(run_cli(ckpt, "--in-place"))     # and the real run does refuse it
     assert shard.name in line and "neither the original shard nor its converted version" in line
+
+
+def test_summary_keeps_the_copy_method_apart_from_the_outcome(ckpt, tmp_path):
+    methods = {"reflink", "direct", "copy_file_range", "buffered"}
+    in_place = json_of(run_cli(ckpt, "--in-place", "--json"))["summary"]
+    assert in_place["outcome"] == "converted in place" and in_place["method"] in methods
+    restored = json_of(run_cli(ckpt, "--restore", "--json"))["summary"]
+    assert restored["outcome"] == "restored" and restored["method"] in methods
+    run_cli(ckpt, "-o", tmp_path / "out", "-q", check=True)
+    again = json_of(run_cli(ckpt, "-o", tmp_path / "out", "--json"))["summary"]
+    assert again["outcome"] == "already complete" and again["method"] == ""     # nothing was copied
