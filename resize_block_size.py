@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -2373,11 +2374,26 @@ def refuse_shared_files_in_place(folder: Path) -> None:
 
 
 def run_restore(args: argparse.Namespace, source: InputFolder, console: Console) -> int:
+    """Give back the original files of a folder converted in place."""
+    refuse_restore_of_untouched_links(source.path)
     summary = restore_in_place(source.path, copy=copy_policy(args), quiet=args.quiet)
     console.result.update(outcome=summary.outcome, output=str(source.path), summary=dataclasses.asdict(summary))
     console.say(f"restored {summary.shards_written} shards of {source.path} ({summary.shards_kept} were already "
                 f"original): every file is byte-identical to the original, {summary.seconds:.1f} s")
     return 0
+
+
+def refuse_restore_of_untouched_links(folder: Path) -> None:
+    """An in-place run replaces a shard by renaming a new file over it, so a folder whose shards are
+    all still symlinks was never converted; a record in it is the leftover of an in-place run that
+    older versions refused only after recording (on a Hugging Face cache snapshot)."""
+    if not (folder / STATE_DIR).is_dir():
+        return
+    shards = [p for p in folder.iterdir() if p.name.endswith(".safetensors")]
+    if shards and all(p.is_symlink() for p in shards):
+        raise _fail(folder, f"every shard is still a symlink (as in a Hugging Face cache snapshot), so nothing was "
+                            f"converted in place and there is nothing to restore; remove the leftover record: "
+                            f"rm -r {shlex.quote(str(folder / STATE_DIR))}")
 
 
 def describe_plan(plan: Plan, advice: TPAdvice) -> dict:
@@ -2535,7 +2551,6 @@ def serving_tp(plan: Plan, advice: TPAdvice, args: argparse.Namespace) -> int:
 
 def serving_hint(plan: Plan, advice: TPAdvice, args: argparse.Namespace) -> dict:
     """The SGLang and vLLM command lines that serve the output at the TP degree its block allows."""
-    import shlex
     tp = serving_tp(plan, advice, args)
     ep = bool(getattr(args, "ep", False))
     model = shlex.quote(str(Path(os.path.abspath(plan.output_dir))))

@@ -635,3 +635,14 @@ def test_summary_keeps_the_copy_method_apart_from_the_outcome(ckpt, tmp_path):
     run_cli(ckpt, "-o", tmp_path / "out", "-q", check=True)
     again = json_of(run_cli(ckpt, "-o", tmp_path / "out", "--json"))["summary"]
     assert again["outcome"] == "already complete" and again["method"] == ""     # nothing was copied
+
+
+def test_restore_on_a_snapshot_with_a_leftover_record_says_to_remove_it(cache):
+    # What older versions left after refusing --in-place on a cache snapshot: a record, shards untouched.
+    state = cache["snap_a"] / STATE
+    (state / "original").mkdir(parents=True)
+    (state / "run.json").write_text(json.dumps({"tool": "resize-block-size", "mode": "in-place"}))
+    before = snapshot(cache["hub"])
+    line = one_error_line(run_cli(cache["snap_a"], "--restore", env=hub_env(cache["hub"])))
+    assert "nothing was converted in place" in line and f"rm -r {state}" in line
+    assert snapshot(cache["hub"]) == before
