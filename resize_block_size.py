@@ -2092,7 +2092,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="shards converted in parallel (default: 1; the disk is the limit)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar, no summary and no serving hint (errors and --json still print)")
+                   help="no progress bar, no summary and no serving hint (errors, answers such as "
+                        "'nothing to convert', the --dry-run plan, the --verify verdict and --json still print)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
