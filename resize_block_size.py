@@ -32,6 +32,7 @@ import math
 import mmap
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -42,7 +43,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 
 __version__ = "0.1.0"
@@ -84,6 +85,10 @@ class ConversionError(Exception):
     """A problem the user can act on; printed as one line, exit code 1."""
 
 
+class UsageError(ConversionError):
+    """Options that are malformed or do not go together; exit code 2, like argparse's own."""
+
+
 class Interrupted(Exception):
     """Raised in worker threads when the main thread asks them to stop."""
 
@@ -102,13 +107,14 @@ def parse_block_size(text: str) -> tuple[int, int]:
     >>> parse_block_size("64"), parse_block_size("64x64"), parse_block_size("64,128")
     ((64, 64), (64, 64), (64, 128))
     """
-    parts = [p for p in re.split(r"[x,X\s]+", text.strip()) if p]
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-        raise ConversionError(
+    # One number, or two joined by one separator: "64x" or "x64" is a typo, not 64x64.
+    m = re.fullmatch(r"\s*(\d+)(?:\s*[x,X\s]\s*(\d+))?\s*", text)
+    if not m:
+        raise UsageError(
             f"--block-size {text!r}: expected one or two positive integers, like 64, 64x64 or 64,128")
-    sizes = [int(p) for p in parts]
+    sizes = [int(g) for g in m.groups() if g is not None]
     if min(sizes) <= 0:
-        raise ConversionError(f"--block-size {text!r}: block sizes must be positive")
+        raise UsageError(f"--block-size {text!r}: block sizes must be positive")
     return (sizes[0], sizes[-1])
 
 
@@ -1828,10 +1834,12 @@ def check_output_location(input_dir: Path, output_dir: Path) -> None:
         raise _fail(output_dir, f"contains the input folder {input_dir}; choose a new or empty folder")
 
 
-def inspect_output(plan: Plan) -> OutputState:
+def inspect_output(plan: Plan, force: bool = False) -> OutputState:
     """Classify OUTPUT: new/empty, an unfinished run of this conversion, or already complete.
 
-    Anything else that is not empty belongs to someone else and is refused untouched.
+    A finished output of this conversion that no longer matches the plan (damaged, edited) is
+    rewritten with `force` ("resume" with nothing kept) and refused without it. Anything else that
+    is not empty belongs to someone else and is refused untouched.
     """
     out = plan.output_dir
     if os.path.lexists(out) and not out.is_dir():
@@ -1852,7 +1860,31 @@ def inspect_output(plan: Plan) -> OutputState:
     if (len(done) == len(plan.shards) and same_file_content(out / CONFIG_NAME, plan.config_text.encode())
             and (plan.index_text is None or same_file_content(out / INDEX_NAME, plan.index_text.encode()))):
         return OutputState("complete", done)
+    if written_by_us(plan):
+        if force:
+            return OutputState("resume")
+        raise _fail(out, "holds this conversion of this input, but it does not match the plan (damaged or "
+                         "edited; --verify lists what differs); add --force to rewrite it")
     raise _fail(out, "exists and is not empty; choose a new or empty folder with -o (nothing was written)")
+
+
+def written_by_us(plan: Plan) -> bool:
+    """OUTPUT looks like this tool's output of this very conversion, whatever state its shards are
+    in: its config.json is the planned one, every name at its top is one the plan writes, and at
+    least one shard holds this input's bytes (another checkpoint of the same architecture has the
+    same config and names). Only such a folder may be rewritten by --force; a foreign one never is."""
+    out = plan.output_dir
+    if not same_file_content(out / CONFIG_NAME, plan.config_text.encode()):
+        return False
+    planned = {CONFIG_NAME, STATE_DIR, *(s.name for s in plan.shards),
+               *(f.relpath.split("/")[0] for f in plan.other_files)}
+    if plan.index_text is not None:
+        planned.add(INDEX_NAME)
+    planned |= {_partial_path(out / name).name for name in list(planned)}
+    if not all(p.name in planned for p in out.iterdir()):
+        return False
+    return any(os.path.isfile(out / s.name) and not os.path.islink(out / s.name)
+               and shard_came_from_source(out / s.name, s) for s in plan.shards)
 
 
 def _complete_shards(plan: Plan) -> set[str]:
@@ -1939,6 +1971,10 @@ class FolderLock:
 # Running a conversion
 # ---------------------------------------------------------------------------------------------
 
+# What a run did, as opposed to how it copied bytes (Summary.method).
+Outcome = Literal["converted", "converted in place", "already complete", "restored"]
+
+
 @dataclass
 class Summary:
     shards_written: int = 0
@@ -1947,7 +1983,8 @@ class Summary:
     bytes_written: int = 0
     bytes_shared: int = 0
     seconds: float = 0.0
-    method: str = ""
+    method: str = ""                # the copy method that wrote the bytes ("" if none were)
+    outcome: Outcome = "converted"
 
 
 def bytes_to_write(plan: Plan, state: OutputState, reflink: bool) -> int:
@@ -2013,16 +2050,16 @@ def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int
     started = time.monotonic()
     check_progress_available(quiet)
     with FolderLock(plan.input_dir, exclusive=False):
-        state = inspect_output(plan)
+        state = inspect_output(plan, force)
         if state.kind == "complete" and not force:
-            return Summary(shards_kept=len(plan.shards), method="already complete")
+            return Summary(shards_kept=len(plan.shards), outcome="already complete")
         created = not plan.output_dir.exists()
         lock = FolderLock(plan.output_dir, exclusive=True)
         lock.acquire(create=True)
         try:
-            state = inspect_output(plan)              # again, now that no other run can change it
+            state = inspect_output(plan, force)       # again, now that no other run can change it
             if state.kind == "complete" and not force:    # another run finished it meanwhile
-                return Summary(shards_kept=len(plan.shards), method="already complete")
+                return Summary(shards_kept=len(plan.shards), outcome="already complete")
             if force:
                 state = OutputState(state.kind)
             os.makedirs(plan.output_dir / STATE_DIR, exist_ok=True)
@@ -2048,16 +2085,16 @@ def convert(plan: Plan, *, force: bool = False, copy: str = "auto", workers: int
             raise
         finally:
             lock.release()
-    summary = summarize(todo, len(plan.shards), copier, copier.method.value)
+    summary = summarize(todo, len(plan.shards), copier, "converted")
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def summarize(todo: list[ShardPlan], total: int, copier: ByteCopier, method: str) -> Summary:
+def summarize(todo: list[ShardPlan], total: int, copier: ByteCopier, outcome: Outcome) -> Summary:
     """The Summary of a run that wrote `todo` of `total` shards (any mode)."""
     return Summary(shards_written=len(todo), shards_kept=total - len(todo),
                    scales=sum(len(s.scales) for s in todo), bytes_written=copier.total,
-                   bytes_shared=copier.shared, method=method)
+                   bytes_shared=copier.shared, method=copier.method.value, outcome=outcome)
 
 
 def run_record(source_block: tuple[int, int], target_block: tuple[int, int], **fields: object) -> str:
@@ -2338,7 +2375,7 @@ def restore_in_place(folder: Path, *, copy: str = "auto", quiet: bool = False) -
             for p in leftovers:
                 shutil.rmtree(p)
             _fsync_dir(folder)
-            return Summary(method="restored")
+            return Summary(outcome="restored")
         ckpt, target = recorded
         summary = _replace_in_place(ckpt, make_plan(ckpt, folder, target), forward=False, copy=copy, quiet=quiet)
         check_restored(ckpt)
@@ -2396,7 +2433,7 @@ def _replace_in_place(ckpt: Checkpoint, plan: Plan, *, forward: bool, copy: str,
     if index_text is not None:
         write_text(folder / INDEX_NAME, index_text)
     write_text(folder / CONFIG_NAME, config_text)
-    return summarize(todo, len(plan.shards), copier, "in-place" if forward else "restored")
+    return summarize(todo, len(plan.shards), copier, "converted in place" if forward else "restored")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2533,47 +2570,142 @@ EXAMPLES = """\
 examples:
   resize-block-size /models/DeepSeek-V3
       writes /models/DeepSeek-V3-Block64x64 (64x64 blocks, servable at TP32)
+  resize-block-size deepseek-ai/DeepSeek-R1 --tp 32
+      a model in the Hugging Face cache (never downloaded): writes ./DeepSeek-R1-Block64x64
   resize-block-size /models/DeepSeek-V3 --tp 32 --dry-run
-      which block TP32 needs, the plan and the disk it takes; nothing is written
+      which block TP32 needs, the plan, the disk it takes and what OUTPUT already holds
   resize-block-size /models/DeepSeek-V3 --block-size 32 -o /data/DeepSeek-V3-b32 --verify
       32x32 blocks (TP64) into a folder of your choice, then compare every byte with the input
   resize-block-size /models/DeepSeek-V3 --in-place
       no room for a second copy: convert the folder itself (--restore undoes it exactly)
 
 Re-run the same command after an interruption: finished shards are kept, the rest is written.
+
+exit codes (every mode):
+  0    done, or nothing to do (already converted; the blocks already load at --tp N)
+  1    refused or failed: bad input, a foreign output folder, --verify found a difference
+  2    usage: unknown option, malformed value, or options that do not go together
+  130  interrupted (Ctrl-C, SIGTERM): finished shards are kept, re-run to resume
+A reader that closes stdout early (`| head -1`) neither stops the run nor changes its exit code.
+With --json, stdout is one JSON object in every mode, errors included ("ok", "exit_code",
+"error"); the one-line error still goes to stderr.
 """
 
 
-def default_output(input_dir: Path, target: tuple[int, int]) -> Path:
-    """The sibling folder `INPUT-Block64x64`.
+@dataclass(frozen=True)
+class InputFolder:
+    """The model folder INPUT names, and its repo id when it is a Hugging Face cache snapshot."""
+    path: Path
+    repo: str | None = None
 
-    >>> default_output(Path("/m/DeepSeek-V3/"), (64, 64)).as_posix()
+
+# `org/name` or `org/name@revision`, as the Hub spells repo ids (and SGLang's --model-path).
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def cache_repo_of(folder: Path) -> str | None:
+    """The repo id of a Hugging Face cache snapshot folder (`.../models--org--name/snapshots/<rev>`).
+
+    >>> cache_repo_of(Path("/c/hub/models--deepseek-ai--DeepSeek-R1/snapshots/0123abc"))
+    'deepseek-ai/DeepSeek-R1'
+    >>> cache_repo_of(Path("/models/DeepSeek-R1")) is None
+    True
+    """
+    folder = Path(os.path.abspath(folder))
+    repo_dir = folder.parent.parent
+    if folder.parent.name == "snapshots" and repo_dir.name.startswith("models--"):
+        return repo_dir.name[len("models--"):].replace("--", "/")
+    return None
+
+
+def resolve_input(text: str) -> InputFolder:
+    """INPUT as a folder: a model folder, a cache snapshot, a `models--org--name` cache folder, or
+    a repo id looked up in the local Hugging Face cache (never downloaded)."""
+    path = Path(text)
+    if path.is_dir():
+        if path.name.startswith("models--") and (path / "snapshots").is_dir():
+            return snapshot_in_cache(path.name[len("models--"):].replace("--", "/"), None, path.parent)
+        return InputFolder(path, cache_repo_of(path))
+    if os.path.lexists(path) or not REPO_ID.fullmatch(text):
+        return InputFolder(path)                  # read_checkpoint says what is wrong with it
+    repo, _, revision = text.partition("@")
+    return snapshot_in_cache(repo, revision or None, None)
+
+
+def snapshot_in_cache(repo: str, revision: str | None, cache_dir: Path | None) -> InputFolder:
+    """The cached snapshot of `repo`, found by huggingface_hub's own rules (HF_HUB_CACHE, HF_HOME,
+    the default location, refs/ for branch names), offline."""
+    # Offline before the import: huggingface_hub reads it into its constants then. local_files_only
+    # alone already forbids any download; this also keeps it from asking the Hub for metadata.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    label = repo + (f"@{revision}" if revision else "")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        raise _fail(label, "is not a folder, and huggingface_hub (needed to find it in the Hugging Face cache) "
+                           "is not installed; pip install huggingface_hub, or give the model folder")
+    try:
+        folder = snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError):
+        cache = cache_dir or constants.HF_HUB_CACHE
+        # huggingface_hub 1.0 replaced the huggingface-cli command with hf.
+        cli = "hf download" if int(huggingface_hub.__version__.split(".")[0]) >= 1 else "huggingface-cli download"
+        download = f"{cli} {repo}" + (f" --revision {revision}" if revision else "")
+        raise _fail(label, f"is not a folder and not in the Hugging Face cache {cache}; "
+                           f"download it first ({download}) or give the model folder") from None
+    return InputFolder(Path(folder), repo)
+
+
+def default_output(source: InputFolder, target: tuple[int, int]) -> Path:
+    """The sibling folder `INPUT-Block64x64`; for a model in the Hugging Face cache,
+    `./NAME-Block64x64` in the current folder (files inside the cache belong to huggingface_hub).
+
+    >>> default_output(InputFolder(Path("/m/DeepSeek-V3/")), (64, 64)).as_posix()
     '/m/DeepSeek-V3-Block64x64'
     """
-    base = Path(os.path.abspath(input_dir))
+    if source.repo:
+        return Path.cwd() / f"{source.repo.split('/')[-1]}-Block{block_name(target)}"
+    base = Path(os.path.abspath(source.path))
     return base.with_name(f"{base.name}-Block{block_name(target)}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but with --json a usage error is also one JSON object on stdout."""
+    json_errors = False
+
+    def error(self, message: str) -> None:
+        if self.json_errors:
+            _print_stdout(json.dumps({"ok": False, "exit_code": 2, "error": message}))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Resize the quantization blocks of a block-FP8 checkpoint (DeepSeek-V3/R1, Kimi-K2, "
                     "Qwen3-FP8, MiniMax-M2, ...) by replicating its scales. Lossless: every weight "
-                    "dequantizes to exactly the same value. The input folder is never modified.")
-    p.add_argument("input", metavar="INPUT", help="model folder with config.json and .safetensors shards")
+                    "dequantizes to exactly the same value. The input folder is only read, except with "
+                    "--in-place, which converts it (and --restore gives it back byte for byte).")
+    p.add_argument("input", metavar="INPUT",
+                   help="model folder with config.json and .safetensors shards, or a model in the Hugging "
+                        "Face cache: org/name, org/name@revision, a models--org--name folder")
     p.add_argument("-o", "--output", metavar="OUTPUT",
-                   help="output folder (default: INPUT-Block64x64 next to INPUT, named after the block)")
+                   help="output folder (default: INPUT-Block64x64 next to INPUT, named after the block; "
+                        "./NAME-Block64x64 for a model in the Hugging Face cache)")
     p.add_argument("--block-size", metavar="B",
                    help="target block: 64, 64x64 or 64,128 (rows x cols); must divide the source block "
-                        "(default: 64)")
+                        "(default: 64), or be a multiple of it to undo an earlier conversion")
     p.add_argument("--tp", type=int, metavar="N",
                    help="pick the largest block that tensor parallelism over N GPUs can load; "
-                        "exits without writing if the checkpoint already works at TP N")
+                        "exits 0 without writing if the checkpoint already works at TP N")
     p.add_argument("--ep", action="store_true",
                    help="with --tp: experts are placed by expert parallelism, not split")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan and the TP table, write nothing")
-    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
+                   help="print the plan, the TP table and what OUTPUT already holds; write nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print the result of any mode (plan, summary, verify report, error) as one JSON object")
     p.add_argument("--verify", action="store_true",
                    help="convert if needed, then compare every output tensor and file with the input")
     p.add_argument("--in-place", action="store_true",
@@ -2582,14 +2714,319 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true",
                    help="undo an --in-place conversion: every file byte-identical to the original")
     p.add_argument("--force", action="store_true",
-                   help="rewrite every shard, also those an earlier run of the same conversion finished")
+                   help="rewrite every shard of OUTPUT, also a finished or damaged output of this same "
+                        "conversion (never a folder this tool did not write for this input)")
     p.add_argument("--no-reflink", action="store_true",
                    help="always copy bytes, never share them with the input (XFS/btrfs copy-on-write)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="shards converted in parallel (default: 1; the disk is the limit)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar, no summary and no serving hint (errors, answers such as "
+                        "'nothing to convert', the --dry-run plan, the --verify verdict and --json still print)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+class Console:
+    """Where answers go: text lines on stdout as they come, or with --json one object at the end.
+
+    Errors are always one line on stderr too. A closed stdout (`| head -1`) silences the rest
+    instead of failing a run whose work is unaffected.
+    """
+
+    def __init__(self, as_json: bool = False, quiet: bool = False):
+        self.as_json, self.quiet = as_json, quiet
+        self.result: dict = {}
+
+    def say(self, text: str, *, even_quiet: bool = False) -> None:
+        """A line for people; none with --json, none with --quiet unless `even_quiet`."""
+        if not self.as_json and (even_quiet or not self.quiet):
+            _print_stdout(text)
+
+    def error(self, message: str, code: int, prefix: str = "error: ") -> int:
+        self.result.update(ok=False, exit_code=code, error=message)
+        try:
+            print(f"{PROG}: {prefix}{message}", file=sys.stderr)
+        except BrokenPipeError:
+            pass                # nobody reads stderr; the exit code still says it
+        return code
+
+    def finish(self, code: int) -> None:
+        if self.as_json:
+            result = {"ok": code == 0, "exit_code": code, **self.result}
+            _print_stdout(json.dumps(result, indent=2, default=str))
+
+
+def _print_stdout(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_closed()
+
+
+def _stdout_closed() -> None:
+    """The reader went away: send the rest of stdout, and Python's final flush, to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):       # no real file descriptor (io.UnsupportedOperation is both)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, dispatch to one mode, and turn every failure into one line and an exit code."""
+    parser = build_parser()
+    parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    console = Console(args.json, args.quiet)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        code = run(args, console)
+    except UsageError as e:
+        code = console.error(str(e), 2)
+    except ConversionError as e:
+        code = console.error(str(e), 1)
+    except (KeyboardInterrupt, Interrupted):
+        code = console.error("interrupted; finished shards are kept, re-run the same command to resume",
+                             130, prefix="")
+    except OSError as e:      # a broken pipe here is stderr's (stdout's are absorbed), and it did stop the run
+        code = console.error(_describe_os_error(e, console.result.get("default_output", False)), 1)
+    console.finish(code)
+    return code
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """The command: find INPUT, then one function per mode (restore, in place, dry run, verify,
+    convert), each of which plans and then writes or reports."""
+    check_flags(args)
+    source = resolve_input(args.input)
+    console.result.update(input=str(source.path), repo=source.repo)
+    if args.restore:
+        return run_restore(args, source, console)
+    if args.in_place:
+        return run_in_place(args, source, console)
+    refuse_unfinished_in_place(source.path)
+    ckpt = read_checkpoint(source.path)
+    advice = advise_tp(ckpt)
+    target = pick_target(args, ckpt, advice, console)
+    if target is None:
+        return 0
+    output_dir = Path(args.output) if args.output else default_output(source, target)
+    console.result.update(output=str(output_dir), default_output=not args.output)
+    check_output_location(source.path, output_dir)
+    plan = make_plan(ckpt, output_dir, target)
+    check_going_back(plan)
+    if args.dry_run:
+        return run_dry_run(args, plan, advice, console)
+    if args.verify:
+        return run_verify(args, plan, advice, console)
+    return run_convert(args, plan, advice, console)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse combinations of options that make no sense, before reading anything: every option
+    given either takes effect or is refused here."""
+    if not args.input.strip():
+        # Path("") is the current folder: an unset "$VAR" must not convert whatever folder the shell is in.
+        raise UsageError("INPUT is empty; give the model folder (is the variable holding it unset?)")
+    if args.tp is not None and args.block_size is not None:
+        raise UsageError("give --tp or --block-size, not both")
+    if (args.tp is not None and args.tp < 1) or args.workers < 1:
+        raise UsageError("--tp and --workers take a positive number")
+    if args.ep and args.tp is None:
+        raise UsageError("--ep goes with --tp N")
+    if args.restore and (args.in_place or args.output or args.block_size or args.tp or args.verify
+                         or args.dry_run or args.force or args.workers != 1):
+        raise UsageError("--restore takes only INPUT (and --no-reflink, --quiet, --json): it gives back "
+                         "the files an --in-place run replaced")
+    if args.in_place and args.output:
+        raise UsageError("--in-place converts INPUT itself; it takes no -o")
+    if args.in_place and args.verify:
+        raise UsageError("--verify compares the output with the input, which --in-place replaces; "
+                         "convert to a separate folder to verify, or use --restore to undo")
+    if args.in_place and args.workers != 1:
+        raise UsageError("--in-place replaces one shard at a time to need one shard of extra disk; "
+                         "--workers needs a separate output (-o)")
+    if args.in_place and args.force:
+        raise UsageError("--in-place always resumes from the shards on disk and has nothing to --force; "
+                         "--restore undoes it")
+    if args.dry_run and args.verify:
+        raise UsageError("--dry-run writes nothing, so there is nothing to --verify; run without --dry-run")
+
+
+def pick_target(args: argparse.Namespace, ckpt: Checkpoint, advice: TPAdvice,
+                console: Console) -> tuple[int, int] | None:
+    """The target block from --tp or --block-size; None (and the answer said) when there is
+    nothing to do."""
+    if args.tp is None:
+        target = parse_block_size(args.block_size or "64")
+        if target == ckpt.source_block:
+            nothing_to_do(console, f"the checkpoint already uses {block_name(target)} blocks: nothing to convert "
+                                   "(was it converted already?)")
+            return None
+        return target
+    target = choose_block_for_tp(advice, args.tp, args.ep)
+    mode = f"TP{args.tp}" + (" with --ep" if args.ep else "")
+    if target is None:
+        nothing_to_do(console, f"the checkpoint's {block_name(ckpt.source_block)} blocks already load at {mode}; "
+                               "nothing to convert")
+    else:
+        why = advice.failure(args.tp, args.ep, ckpt.source_block)
+        console.result["tp_reason"] = why
+        console.say(f"{mode} needs {block_name(target)} blocks: {why}")
+    return target
+
+
+def nothing_to_do(console: Console, reason: str) -> None:
+    console.result.update(outcome="nothing to do", reason=reason)
+    console.say(reason, even_quiet=True)
+
+
+def refuse_unfinished_in_place(folder: Path) -> None:
+    """A folder an --in-place run left half-converted is neither the old checkpoint nor the new one:
+    say how to finish or undo it instead of failing on its first converted scale."""
+    try:
+        run = json.loads((folder / STATE_DIR / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(run, dict) or run.get("mode") != "in-place":
+        return
+    recorded = load_in_place_state(folder)
+    if recorded is None:
+        return
+    ckpt, target = recorded
+    plan = make_plan(ckpt, folder, target)
+    if not (all(shard_is_complete(folder / s.name, s) for s in plan.shards)
+            and same_file_content(folder / CONFIG_NAME, plan.config_text.encode())):
+        raise _fail(folder, f"is half-way through an --in-place conversion to {block_name(target)}; finish it "
+                            "with --in-place or undo it with --restore, then run this again")
+
+
+def check_going_back(plan: Plan) -> None:
+    """A target larger than the source block undoes an earlier conversion to smaller blocks; on a
+    checkpoint quantized at its own block it cannot work, and the message says so first."""
+    source, target = plan.source_block, plan.target_block
+    if not all(t >= s for s, t in zip(source, target)):
+        return
+    for shard in plan.shards:
+        with open(shard.source, "rb") as f:
+            for p in shard.scales:
+                try:
+                    new_scale_bytes(f.fileno(), p, shard.name)
+                except ConversionError:
+                    raise _fail(shard.name, f"{p.name}: --block-size {block_name(target)} is larger than the source "
+                                            f"block {block_name(source)}, which only undoes an earlier conversion to "
+                                            f"smaller blocks (every scale repeated), and this scale is not repeated; "
+                                            f"give a block that divides {block_name(source)}, such as "
+                                            f"{block_name((source[0] // 2, source[1] // 2))}") from None
+
+
+def copy_policy(args: argparse.Namespace) -> str:
+    return "no-share" if args.no_reflink else "auto"
+
+
+def run_convert(args: argparse.Namespace, plan: Plan, advice: TPAdvice, console: Console) -> int:
+    """Write the output folder (or keep the finished one), then say what to run next."""
+    summary = convert(plan, force=args.force, copy=copy_policy(args), workers=args.workers, quiet=args.quiet)
+    report_summary(plan, summary, console)
+    report_next_step(plan, advice, args, console)
+    return 0
+
+
+def run_verify(args: argparse.Namespace, plan: Plan, advice: TPAdvice, console: Console) -> int:
+    """Convert unless a finished output is there, then compare every byte of it with the input.
+    A finished output is checked as it is and never "repaired" (only --force rewrites it)."""
+    out = plan.output_dir
+    finished = out.is_dir() and any(out.iterdir()) and not os.path.lexists(out / STATE_DIR)
+    if args.force or not finished:
+        summary = convert(plan, force=args.force, copy=copy_policy(args), workers=args.workers,
+                          quiet=args.quiet)
+        report_summary(plan, summary, console)
+    code = report_verification(plan, verify_output(plan, quiet=args.quiet), console)
+    if code == 0:
+        report_next_step(plan, advice, args, console)
+    return code
+
+
+def run_dry_run(args: argparse.Namespace, plan: Plan, advice: TPAdvice, console: Console) -> int:
+    """Print the plan and what OUTPUT holds now; write nothing."""
+    info = describe_plan(plan, advice)
+    info.update(in_place=False, workers=args.workers, copy=copy_policy(args),
+                output_state=describe_output_state(plan, args.force),
+                serve=serving_hint(plan, advice, args))
+    return report_plan(info, console)
+
+
+def run_in_place(args: argparse.Namespace, source: InputFolder, console: Console) -> int:
+    """Convert INPUT itself (or resume doing so), or with --dry-run say how far it is."""
+    folder = source.path
+    refuse_shared_files_in_place(folder)
+    recorded = load_in_place_state(folder) if folder.is_dir() else None
+    ckpt = recorded[0] if recorded else read_checkpoint(folder)
+    ckpt = dataclasses.replace(ckpt, others=[])   # other files stay where they are
+    advice = advise_tp(ckpt)
+    if recorded and args.block_size is None and args.tp is None:
+        target = recorded[1]                      # re-running a plain --in-place resumes its run
+    else:
+        target = pick_target(args, ckpt, advice, console)
+        if target is None:
+            return 0
+    if recorded and target != recorded[1]:
+        raise _fail(folder, f"was converted in place to {block_name(recorded[1])}; run --restore first "
+                            f"to convert it to {block_name(target)}")
+    console.result.update(output=str(folder))
+    plan = make_plan(ckpt, folder, target)
+    check_going_back(plan)
+    if args.dry_run:
+        info = describe_plan(plan, advice)
+        info.update(in_place=True, copy=copy_policy(args),
+                    output_state=describe_in_place_state(plan, ckpt, recorded is not None),
+                    serve=serving_hint(plan, advice, args))
+        return report_plan(info, console)
+    summary = convert_in_place(ckpt, target, recorded=bool(recorded), copy=copy_policy(args), quiet=args.quiet)
+    report_summary(plan, summary, console)
+    report_next_step(plan, advice, args, console)
+    return 0
+
+
+def refuse_shared_files_in_place(folder: Path) -> None:
+    """--in-place replaces files; where they are symlinks (a Hugging Face cache snapshot links into
+    blobs/, which every revision of the repo shares) that would change files it does not own.
+    Checked before anything, the state folder included, is written."""
+    if not folder.is_dir():
+        return
+    linked = sorted(p.name for p in folder.iterdir()
+                    if p.is_symlink() and (p.name.endswith(".safetensors") or p.name in (CONFIG_NAME, INDEX_NAME)))
+    if linked:
+        name = cache_repo_of(folder)
+        name = name.split("/")[-1] if name else Path(os.path.abspath(folder)).name
+        raise _fail(folder, f"its files are symlinks ({linked[0]} ...), as in a Hugging Face cache snapshot whose "
+                            "blobs are shared with the cache; --in-place would change those, so nothing was "
+                            f"written. Convert to a separate folder instead: -o ./{name}-Block64x64")
+
+
+def run_restore(args: argparse.Namespace, source: InputFolder, console: Console) -> int:
+    """Give back the original files of a folder converted in place."""
+    refuse_restore_of_untouched_links(source.path)
+    summary = restore_in_place(source.path, copy=copy_policy(args), quiet=args.quiet)
+    console.result.update(outcome=summary.outcome, output=str(source.path), summary=dataclasses.asdict(summary))
+    console.say(f"restored {summary.shards_written} shards of {source.path} ({summary.shards_kept} were already "
+                f"original): every file is byte-identical to the original, {summary.seconds:.1f} s")
+    return 0
+
+
+def refuse_restore_of_untouched_links(folder: Path) -> None:
+    """An in-place run replaces a shard by renaming a new file over it, so a folder whose shards are
+    all still symlinks was never converted; a record in it is the leftover of an in-place run that
+    older versions refused only after recording (on a Hugging Face cache snapshot)."""
+    if not (folder / STATE_DIR).is_dir():
+        return
+    shards = [p for p in folder.iterdir() if p.name.endswith(".safetensors")]
+    if shards and all(p.is_symlink() for p in shards):
+        raise _fail(folder, f"every shard is still a symlink (as in a Hugging Face cache snapshot), so nothing was "
+                            f"converted in place and there is nothing to restore; remove the leftover record: "
+                            f"rm -r {shlex.quote(str(folder / STATE_DIR))}")
 
 
 def describe_plan(plan: Plan, advice: TPAdvice) -> dict:
@@ -2603,6 +3040,7 @@ def describe_plan(plan: Plan, advice: TPAdvice) -> dict:
     out = plan.output_dir
     free_at = next((d for d in (out, *out.parents) if d.exists()), None)
     return {
+        "outcome": "planned",
         "input": str(plan.input_dir), "output": str(out),
         "source_block": list(plan.source_block), "target_block": list(plan.target_block),
         "shards": len(plan.shards), "fp8_weights": plan.fp8_weights, "scales": plan.scale_count,
@@ -2618,147 +3056,184 @@ def describe_plan(plan: Plan, advice: TPAdvice) -> dict:
     }
 
 
-def print_plan(info: dict) -> None:
-    print(f"plan: {info['input']} -> {info['output']}")
-    print(f"  blocks          {block_name(info['source_block'])} -> {block_name(info['target_block'])}")
-    print(f"  shards          {info['shards']} ({info['fp8_weights']} FP8 weights, {info['scales']} scales to resize, "
-          f"{info['other_files']} other files to copy)")
-    for ex in info["scale_examples"]:
-        print(f"    e.g. {ex['tensor']}: weight {ex['weight_shape']}, "
-              f"scale {ex['scale_before']} -> {ex['scale_after']} {ex['dtype']}")
-    print(f"  bytes to write  {human_bytes(info['bytes_out'])} "
-          f"(copy-on-write filesystems share {human_bytes(info['bytes_shareable'])} of it with the input)")
-    if info.get("in_place"):
-        print(f"  in place: peak extra disk {human_bytes(info['in_place_extra_bytes'])} (the largest new shard)")
-    if info["free_bytes"] is not None:
-        print(f"  free space      {human_bytes(info['free_bytes'])}")
-    print("  largest block each tensor-parallel degree can load (EP: experts not split):")
-    print("    ranks" + "".join(f"{tp:>6}" for tp in info["tp"]))
-    for key, label in (("tp", "TP   "), ("tp_ep", "TP+EP")):
-        print(f"    {label}" + "".join(f"{edge or '-':>6}" for edge in info[key].values()))
-    if info["tp_unknown_weights"]:
-        print(f"  unknown layer names, assumed split on both dims: {', '.join(info['tp_unknown_weights'][:5])}"
-              + (" ..." if len(info["tp_unknown_weights"]) > 5 else ""))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+def describe_output_state(plan: Plan, force: bool) -> dict:
+    """What a run would find in OUTPUT, read-only: new, complete, resumable, or refused."""
     try:
-        return run(args)
+        state = inspect_output(plan, force)
     except ConversionError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted):
-        print(f"{PROG}: interrupted; finished shards are kept, re-run the same command to resume",
-              file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"{PROG}: error: {_describe_os_error(e)}", file=sys.stderr)
-        return 1
+        return {"state": "refused", "reason": str(e)}
+    if state.kind == "complete" and not force:
+        return {"state": "complete", "shards_kept": len(plan.shards), "bytes_to_write": 0}
+    if force:
+        state = OutputState(state.kind)
+    kept = sorted(state.done_shards)
+    return {"state": state.kind if not force else "rewrite", "shards_kept": len(kept), "kept": kept,
+            "bytes_to_write": bytes_to_write(plan, state, reflink=False)}
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Refuse combinations of options that make no sense, before reading anything."""
-    if not args.input.strip():
-        # Path("") is the current folder: an unset "$VAR" must not convert whatever folder the shell is in.
-        raise ConversionError("INPUT is empty; give the model folder (is the variable holding it unset?)")
-    if args.tp is not None and args.block_size is not None:
-        raise ConversionError("give --tp or --block-size, not both")
-    if (args.tp is not None and args.tp < 1) or args.workers < 1:
-        raise ConversionError("--tp and --workers take a positive number")
-    if args.ep and args.tp is None:
-        raise ConversionError("--ep goes with --tp N")
-    if args.restore and (args.in_place or args.output or args.block_size or args.tp or args.verify or args.dry_run):
-        raise ConversionError("--restore takes only INPUT: it gives back the files an --in-place run replaced")
-    if args.in_place and args.output:
-        raise ConversionError("--in-place converts INPUT itself; it takes no -o")
-    if args.in_place and args.verify:
-        raise ConversionError("--verify compares the output with the input, which --in-place replaces; "
-                              "convert to a separate folder to verify, or use --restore to undo")
+def describe_in_place_state(plan: Plan, ckpt: Checkpoint, recorded: bool) -> dict:
+    """How far an --in-place conversion of INPUT is, read-only (the checks convert_in_place makes)."""
+    done = sorted(s.name for s in plan.shards if shard_is_complete(plan.output_dir / s.name, s))
+    todo = [s for s in plan.shards if s.name not in done]
+    originals = {h.name: h for h in ckpt.headers}
+    for s in todo:
+        original = originals[s.name]
+        if not file_starts_with(plan.output_dir / s.name, original.size, original.prefix):
+            return {"state": "refused", "reason": f"{s.name}: is neither the original shard nor its converted "
+                                                  "version; restore it from the download first"}
+    finished = (recorded and not todo
+                and same_file_content(plan.output_dir / CONFIG_NAME, plan.config_text.encode()))
+    return {"state": "complete" if finished else "resume" if recorded else "new", "shards_kept": len(done),
+            "kept": done, "bytes_to_write": sum(s.out_size for s in todo)}
 
 
-def pick_target(args: argparse.Namespace, ckpt: Checkpoint, advice: TPAdvice) -> tuple[int, int] | None:
-    """The target block from --tp or --block-size; None when --tp finds nothing to do."""
-    if args.tp is None:
-        return parse_block_size(args.block_size or "64")
-    target = choose_block_for_tp(advice, args.tp, args.ep)
-    mode = f"TP{args.tp}" + (" with --ep" if args.ep else "")
-    if target is None:
-        print(f"the checkpoint's {block_name(ckpt.source_block)} blocks already load at {mode}; nothing to convert")
-    elif not (args.quiet or args.json):
-        print(f"{mode} needs {block_name(target)} blocks: {advice.failure(args.tp, args.ep, ckpt.source_block)}")
-    return target
+def print_plan(info: dict) -> None:
+    say = _print_stdout
+    say(f"plan: {info['input']} -> {info['output']}")
+    say(f"  blocks          {block_name(info['source_block'])} -> {block_name(info['target_block'])}")
+    say(f"  shards          {info['shards']} ({info['fp8_weights']} FP8 weights, {info['scales']} scales to resize, "
+        f"{info['other_files']} other files to copy)")
+    for ex in info["scale_examples"]:
+        say(f"    e.g. {ex['tensor']}: weight {ex['weight_shape']}, "
+            f"scale {ex['scale_before']} -> {ex['scale_after']} {ex['dtype']}")
+    say(f"  bytes to write  {human_bytes(info['bytes_out'])} "
+        f"(copy-on-write filesystems share {human_bytes(info['bytes_shareable'])} of it with the input)")
+    if info.get("in_place"):
+        say(f"  in place: peak extra disk {human_bytes(info['in_place_extra_bytes'])} (the largest new shard)")
+    if info["free_bytes"] is not None:
+        say(f"  free space      {human_bytes(info['free_bytes'])}")
+    label = "input now" if info.get("in_place") else "output now"
+    say(f"  {label:<16}{describe_state_text(info['output_state'])}")
+    say("  largest block each tensor-parallel degree can load (EP: experts not split):")
+    say("    ranks" + "".join(f"{tp:>6}" for tp in info["tp"]))
+    for key, label in (("tp", "TP   "), ("tp_ep", "TP+EP")):
+        say(f"    {label}" + "".join(f"{edge or '-':>6}" for edge in info[key].values()))
+    if info["tp_unknown_weights"]:
+        say(f"  unknown layer names, assumed split on both dims: {', '.join(info['tp_unknown_weights'][:5])}"
+            + (" ..." if len(info["tp_unknown_weights"]) > 5 else ""))
 
 
-def run(args: argparse.Namespace) -> int:
-    """The command: validate and plan, then dry-run, convert (to a new folder or in place),
-    verify, or restore."""
-    check_flags(args)
-    input_dir = Path(args.input)
-    copy_method = "no-share" if args.no_reflink else "auto"
-    if args.restore:
-        summary = restore_in_place(input_dir, copy=copy_method, quiet=args.quiet)
-        if not args.quiet:
-            print(f"restored {summary.shards_written} shards of {input_dir} ({summary.shards_kept} were already "
-                  f"original): every file is byte-identical to the original, {summary.seconds:.1f} s")
-        return 0
-    recorded = load_in_place_state(input_dir) if args.in_place and input_dir.is_dir() else None
-    ckpt = recorded[0] if recorded else read_checkpoint(input_dir)
-    if args.in_place:
-        ckpt = dataclasses.replace(ckpt, others=[])   # other files stay where they are
-    advice = advise_tp(ckpt)
-    if recorded and args.block_size is None and args.tp is None:
-        target = recorded[1]                      # re-running a plain --in-place resumes its run
-    else:
-        target = pick_target(args, ckpt, advice)
-        if target is None:
-            return 0
-    if recorded and target != recorded[1]:
-        raise _fail(input_dir, f"was converted in place to {block_name(recorded[1])}; run --restore first "
-                               f"to convert it to {block_name(target)}")
-    if args.in_place:
-        output_dir = input_dir
-    else:
-        output_dir = Path(args.output) if args.output else default_output(input_dir, target)
-    plan = make_plan(ckpt, output_dir, target)
-    if not args.in_place:
-        check_output_location(input_dir, output_dir)
-    if args.dry_run:
-        info = describe_plan(plan, advice)
-        info["in_place"] = bool(args.in_place)
-        print(json.dumps(info, indent=2)) if args.json else print_plan(info)
-        return 0
-    if args.in_place:
-        summary = convert_in_place(ckpt, target, recorded=bool(recorded), copy=copy_method,
-                                   quiet=args.quiet)
-        if not args.quiet:
-            print_summary(plan, summary)
-        return 0
-    # --verify checks an output that no run is working on as it is, and never "repairs" it.
-    finished = (output_dir.is_dir() and any(output_dir.iterdir())
-                and not os.path.lexists(output_dir / STATE_DIR))
-    if not (args.verify and finished):
-        summary = convert(plan, force=args.force, copy=copy_method, workers=args.workers,
-                          quiet=args.quiet)
-        if not args.quiet:
-            print_summary(plan, summary)
-    if args.verify:
-        return report_verification(plan, input_dir, verify_output(plan, quiet=args.quiet))
+def describe_state_text(state: dict) -> str:
+    """One line for an output state.
+
+    >>> describe_state_text({"state": "resume", "shards_kept": 2, "kept": ["a", "b"], "bytes_to_write": 4000})
+    'resumable: 2 finished shards kept (a, b), 4.0 kB still to write'
+    """
+    kind = state["state"]
+    if kind == "refused":
+        return f"would be refused: {state['reason']}"
+    if kind == "complete":
+        return "already complete: nothing to do"
+    if kind == "new":
+        return "nothing yet: everything is written"
+    if kind == "rewrite":
+        return f"--force: every shard is rewritten, {human_bytes(state['bytes_to_write'])} to write"
+    kept = ", ".join(state["kept"][:3]) + (" ..." if len(state["kept"]) > 3 else "")
+    return (f"resumable: {state['shards_kept']} finished shards kept ({kept}), "
+            f"{human_bytes(state['bytes_to_write'])} still to write")
+
+
+def report_plan(info: dict, console: Console) -> int:
+    console.result.update(info)
+    if not console.as_json:
+        print_plan(info)
+        print_serving_hint(info["serve"], console)
     return 0
 
 
-def report_verification(plan: Plan, input_dir: Path, report: VerifyReport) -> int:
+def reported_outcome(plan: Plan, s: Summary) -> Outcome:
+    """What to tell: a run that found every shard already converted did nothing worth reporting,
+    even if it rewrote config.json or the index to finish an interrupted run."""
+    if s.outcome != "restored" and s.shards_written == 0 and s.shards_kept == len(plan.shards):
+        return "already complete"
+    return s.outcome
+
+
+def report_summary(plan: Plan, s: Summary, console: Console) -> None:
+    console.result.update(outcome=reported_outcome(plan, s), output=str(plan.output_dir),
+                          source_block=list(plan.source_block), target_block=list(plan.target_block),
+                          summary=dataclasses.asdict(s))
+    if not (console.quiet or console.as_json):
+        print_summary(plan, s)
+
+
+def print_summary(plan: Plan, s: Summary) -> None:
+    if reported_outcome(plan, s) == "already complete":
+        _print_stdout(f"{plan.output_dir}: already converted to {block_name(plan.target_block)}; nothing to do")
+        return
+    kept = f", {s.shards_kept} kept from an earlier run" if s.shards_kept else ""
+    where = " in place" if s.outcome == "converted in place" else ""
+    _print_stdout(f"converted {s.shards_written} shards{where}{kept}: {s.scales} scales resized "
+                  f"{block_name(plan.source_block)} -> {block_name(plan.target_block)}, "
+                  f"{human_bytes(s.bytes_written)} written ({human_bytes(s.bytes_shared)} shared with the input), "
+                  f"{s.seconds:.1f} s -> {plan.output_dir}")
+
+
+# ---- The next step: serving the result -----------------------------------------------------------
+# DeepGEMM and the CUTLASS block kernels take only 128x128 blocks, and some engine versions pick
+# them from the weight shape alone; any other block must run on the Triton block-FP8 kernels.
+# SGLang: `--fp8-gemm-backend triton` (recent) or SGLANG_ENABLE_JIT_DEEPGEMM=0 (older); vLLM:
+# VLLM_USE_DEEP_GEMM=0 (its Triton fused MoE takes any block). See the README's Serve section.
+
+def serving_tp(plan: Plan, advice: TPAdvice, args: argparse.Namespace) -> int:
+    """The TP degree to suggest: the one asked for, else the largest the new block can load."""
+    if args.tp:
+        return args.tp
+    return max((tp for tp in TP_SIZES if advice.failure(tp, False, plan.target_block) is None), default=1)
+
+
+def serving_hint(plan: Plan, advice: TPAdvice, args: argparse.Namespace) -> dict:
+    """The SGLang and vLLM command lines that serve the output at the TP degree its block allows."""
+    tp = serving_tp(plan, advice, args)
+    ep = bool(getattr(args, "ep", False))
+    model = shlex.quote(str(Path(os.path.abspath(plan.output_dir))))
+    triton = plan.target_block != (128, 128)
+    sglang = (f"python -m sglang.launch_server --model-path {model} --tp {tp}"
+              + (f" --ep-size {tp}" if ep else "") + (" --fp8-gemm-backend triton" if triton else ""))
+    vllm = (("VLLM_USE_DEEP_GEMM=0 " if triton else "") + f"vllm serve {model} --tensor-parallel-size {tp}"
+            + (" --enable-expert-parallel" if ep else ""))
+    hint = {"tp": tp, "ep": ep, "block": list(plan.target_block), "sglang": sglang, "vllm": vllm}
+    if triton:
+        hint["sglang_older"] = sglang.replace(" --fp8-gemm-backend triton", "").replace(
+            "python -m", "SGLANG_ENABLE_JIT_DEEPGEMM=0 python -m", 1)
+    return hint
+
+
+def print_serving_hint(hint: dict, console: Console) -> None:
+    if console.quiet or console.as_json:
+        return
+    why = (f" ({block_name(hint['block'])} blocks need the Triton block-FP8 kernels: DeepGEMM takes only 128x128)"
+           if "sglang_older" in hint else "")
+    lines = [f"next: serve it at TP{hint['tp']}{why}", f"  SGLang: {hint['sglang']}"]
+    if "sglang_older" in hint:
+        lines.append(f"          older SGLang: {hint['sglang_older']}")
+    lines.append(f"  vLLM:   {hint['vllm']}")
+    if hint["tp"] > 8:
+        lines.append("  (more than 8 GPUs: add each engine's multi-node options, e.g. SGLang's --nnodes, "
+                     "--node-rank, --dist-init-addr)")
+    for line in lines:
+        console.say(line)
+
+
+def report_next_step(plan: Plan, advice: TPAdvice, args: argparse.Namespace, console: Console) -> None:
+    hint = serving_hint(plan, advice, args)
+    console.result["serve"] = hint
+    print_serving_hint(hint, console)
+
+
+def report_verification(plan: Plan, report: VerifyReport, console: Console) -> int:
+    console.result["verify"] = dataclasses.asdict(report)
     for problem in report.problems[:20]:
         print(f"{PROG}: verify: {problem}", file=sys.stderr)
     if report.problems:
         more = len(report.problems) - 20
-        print(f"{PROG}: error: {plan.output_dir} does NOT match {input_dir}: {len(report.problems)} problem(s)"
-              + (f", {more} not shown" if more > 0 else ""), file=sys.stderr)
-        return 1
-    print(f"verified {plan.output_dir}: {report.tensors_equal} tensors byte-identical, "
-          f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
-          f"({human_bytes(report.bytes_compared)} compared)")
+        raise ConversionError(f"{plan.output_dir} does NOT match {plan.input_dir}: {len(report.problems)} "
+                              "problem(s)" + (f", {more} not shown" if more > 0 else "")
+                              + "; re-run with --force to rewrite it")
+    console.result["outcome"] = "verified"
+    console.say(f"verified {plan.output_dir}: {report.tensors_equal} tensors byte-identical, "
+                f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
+                f"({human_bytes(report.bytes_compared)} compared)", even_quiet=True)
     return 0
 
 
@@ -2766,31 +3241,26 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt()
 
 
-def _describe_os_error(e: OSError) -> str:
+def _describe_os_error(e: OSError, default_output: bool = False) -> str:
     where = e.filename or "output"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{where}: disk full; the partial file was removed. Free space and re-run the same command to resume"
     if e.errno == errno.EFBIG:
         return f"{where}: file too large for this filesystem or ulimit -f; the partial file was removed. " \
                "Raise the limit and re-run the same command to resume"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and default_output:
+        return f"{where}: {e.strerror or e}; the default output folder is not writable here, choose a writable folder with -o"
     return f"{where}: {e.strerror or e}"
-
-
-def print_summary(plan: Plan, s: Summary) -> None:
-    if s.method == "already complete" or (s.shards_written == 0 and s.shards_kept == len(plan.shards)):
-        print(f"{plan.output_dir}: already converted to {block_name(plan.target_block)}; nothing to do")
-        return
-    kept = f", {s.shards_kept} kept from an earlier run" if s.shards_kept else ""
-    where = " in place" if s.method == "in-place" else ""
-    print(f"converted {s.shards_written} shards{where}{kept}: {s.scales} scales resized "
-          f"{block_name(plan.source_block)} -> {block_name(plan.target_block)}, "
-          f"{human_bytes(s.bytes_written)} written ({human_bytes(s.bytes_shared)} shared with the input), "
-          f"{s.seconds:.1f} s -> {plan.output_dir}")
 
 
 def main_exit() -> None:
     """Entry point of the `resize-block-size` console script."""
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

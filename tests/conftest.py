@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ def run_tool(*args: object, check: bool = False, **kwargs) -> subprocess.Complet
     """Run the command line as a user would, in a child process."""
     result = subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
                             text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
+    return result
+
+
+def run_cli(*args: object, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run the installed `resize-block-size` console script, exactly as a user types it."""
+    script = shutil.which("resize-block-size")
+    if script is None:
+        pytest.fail("the `resize-block-size` console script is not on PATH; pip install -e . first")
+    result = subprocess.run([script, *map(str, args)], capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
     return result

@@ -612,16 +612,17 @@ EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
 
 
 def readme_command() -> list[str]:
-    """The `resize-block-size examples/...` line of the README's "Try it" block, without comment."""
+    """The `resize-block-size examples/...` command of the README's "Try it" block (after
+    `pip install . &&`), without comment."""
     readme = (ROOT / "README.md").read_text()
-    lines = [line for line in readme.splitlines() if line.startswith("resize-block-size examples/")]
+    lines = [line for line in readme.splitlines() if line.startswith("pip install . && resize-block-size examples/")]
     assert len(lines) == 1, lines
-    return shlex.split(lines[0].split("#")[0])
+    return shlex.split(lines[0].split("#")[0].split("&&")[1])
 
 
 def test_example_converts_with_the_readme_command(tmp_path):
     command = readme_command()
-    assert command == ["resize-block-size", "examples/tiny-deepseek-v3"]
+    assert command == ["resize-block-size", "examples/tiny-deepseek-v3", "--tp", "32"]
     default_out = ROOT / "examples" / "tiny-deepseek-v3-Block64x64"
     existed = default_out.exists()
     before = state(EXAMPLE)

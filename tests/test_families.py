@@ -477,7 +477,7 @@ def test_empty_input_is_refused_not_taken_as_the_current_folder(tmp_path, monkey
     monkeypatch.chdir(src)                          # "$UNSET" would otherwise mean this folder
     before = snapshot(src)
     result = cli(*args)
-    assert result.returncode == 1
+    assert result.returncode == 2                  # a usage error, like any malformed command line
     assert result.stderr.strip() == "resize-block-size: error: INPUT is empty; give the model folder " \
                                     "(is the variable holding it unset?)"
     assert snapshot(src) == before and siblings(src) == {src.name}

@@ -429,7 +429,7 @@ def _(root: Path) -> Invalid:
     # Larger blocks are allowed only to go back: every scale must be a replication, and random
     # scales are not. The first scale checked is in shard 1.
     return Invalid([model_at(root), "--block-size", "256"],
-                   [SHARD1, O_PROJ + "_scale_inv", "256x256", "lose information"])
+                   [SHARD1, O_PROJ + "_scale_inv", "256x256", "larger than the source block 128x128", "divides"])
 
 
 @invalid("target-block-larger-than-source-not-a-multiple")
@@ -445,11 +445,6 @@ def _(root: Path) -> Invalid:
 @invalid("target-block-below-16")
 def _(root: Path) -> Invalid:
     return Invalid([model_at(root), "--block-size", "8"], ["8x8", "below 16"])
-
-
-@invalid("target-block-equals-source")
-def _(root: Path) -> Invalid:
-    return Invalid([model_at(root), "--block-size", "128"], ["already", "128x128", "nothing to convert"])
 
 
 @invalid("block-size-not-a-number")
