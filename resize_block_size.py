@@ -20,6 +20,7 @@ the source, shared with it on copy-on-write filesystems), then check what was wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -2806,6 +2807,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return run_restore(args, source, console)
     if args.in_place:
         return run_in_place(args, source, console)
+    # Shared from before the first header is read: an --in-place or --restore run (exclusive) can
+    # neither start meanwhile nor be half-way through what this run plans from.
+    with FolderLock(source.path, exclusive=False) if source.path.is_dir() else contextlib.nullcontext():
+        return run_reading(args, source, console)
+
+
+def run_reading(args: argparse.Namespace, source: InputFolder, console: Console) -> int:
+    """The modes that only read INPUT: plan, then dry run, verify or convert."""
     refuse_unfinished_in_place(source.path)
     ckpt = read_checkpoint(source.path)
     advice = advise_tp(ckpt)

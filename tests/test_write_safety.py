@@ -233,7 +233,10 @@ def test_in_place_and_a_conversion_of_the_same_input_run_at_once_never_mix(refer
             if r.returncode != 0:
                 one_line_error(r)
         conversion = results[1 if i % 2 == 0 else 0]
-        if conversion.returncode == 0:
+        if conversion.returncode == 0 and not (work / "out").exists():
+            # It read the folder after the in-place run had finished: already 64x64, nothing to do.
+            assert "already uses 64x64 blocks" in conversion.stdout, conversion.stdout
+        elif conversion.returncode == 0:
             assert tensors_of(work / "out") == expected
             assert json.loads((work / "out" / "config.json").read_text()) == \
                 json.loads((expected_out / "config.json").read_text())
