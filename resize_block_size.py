@@ -63,7 +63,13 @@ INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished
 MAX_HEADER_BYTES = 100_000_000        # the limit the safetensors library itself enforces
+MAX_JSON_BYTES = 100_000_000          # config.json and the index: far above any real one
+MAX_JSON_DEPTH = 100                  # nesting of config.json and the index (real ones: under 10)
 MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tiles of >= 16
+# Replicating scales allocates (block ratio) x (scale size): a bound on block edges keeps that
+# within memory (a config saying [2**62, 2**62] is refused, not a MemoryError mid-run). Engines
+# use 128; no block-FP8 format uses edges anywhere near this.
+MAX_BLOCK = 1 << 16
 # Output data is laid out so that large unchanged byte runs keep their source offset modulo this,
 # which lets XFS/btrfs share them (reflink). 4096 is the block size of every common filesystem;
 # a fixed value keeps the output bytes independent of where the tool runs.
@@ -77,6 +83,10 @@ DIRECT_CHUNK = 32 << 20
 
 class ConversionError(Exception):
     """A problem the user can act on; printed as one line, exit code 1."""
+
+    def __init__(self, message: object = "") -> None:
+        # One line whatever a file or tensor name holds (a newline in a name is legal).
+        super().__init__(str(message).replace("\n", " ").replace("\r", " "))
 
 
 class Interrupted(Exception):
@@ -97,13 +107,16 @@ def parse_block_size(text: str) -> tuple[int, int]:
     >>> parse_block_size("64"), parse_block_size("64x64"), parse_block_size("64,128")
     ((64, 64), (64, 64), (64, 128))
     """
-    parts = [p for p in re.split(r"[x,X\s]+", text.strip()) if p]
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+    # ASCII digits only: str.isdigit() and int() also take "²" or "٦٤", which no one means.
+    match = re.fullmatch(r"\s*([0-9]+)(?:(?:\s*[xX,]\s*|\s+)([0-9]+))?\s*", text, re.ASCII)
+    if not match:
         raise ConversionError(
             f"--block-size {text!r}: expected one or two positive integers, like 64, 64x64 or 64,128")
-    sizes = [int(p) for p in parts]
+    sizes = [int(p) for p in match.groups() if p is not None]
     if min(sizes) <= 0:
         raise ConversionError(f"--block-size {text!r}: block sizes must be positive")
+    if max(sizes) > MAX_BLOCK:
+        raise ConversionError(f"--block-size {text!r}: block sizes above {MAX_BLOCK} are not supported")
     return (sizes[0], sizes[-1])
 
 
@@ -238,17 +251,87 @@ class ShardHeader:
     prefix: bytes                   # the file's first bytes: 8-byte length + header JSON
 
 
-def _read_json_file(path: Path, label: str) -> tuple[str, object]:
+def open_regular(path: Path) -> int:
+    """Open `path` (following symlinks) for reading, refusing anything but a regular file.
+
+    O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever. It changes
+    nothing for regular files.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        if stat.S_ISREG(os.stat(path).st_mode):       # never open a device: opening may act
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            fd = -1
+    except OSError as e:
+        what = "is a broken symlink" if os.path.islink(path) and not os.path.exists(path) else "cannot be read"
+        raise _fail(path, f"{what} ({e.strerror or e}); fix its permissions or the download")
+    try:
+        mode = os.fstat(fd).st_mode if fd >= 0 else 0
+    except OSError as e:
+        os.close(fd)
+        raise _fail(path, f"cannot read: {e.strerror or e}")
+    if not stat.S_ISREG(mode):
+        if fd >= 0:
+            os.close(fd)
+        raise _fail(path, "is not a regular file (a folder, fifo, socket or device); remove it from the "
+                          "model folder or replace it with the real file")
+    return fd
+
+
+def _read_all(fd: int, limit: int) -> bytes | None:
+    """The whole file behind `fd`, or None if it is longer than `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
+def json_depth_exceeds(value: object, limit: int) -> bool:
+    """True if `value` nests lists/objects deeper than `limit`; iterative, so any depth is safe.
+
+    >>> json_depth_exceeds({"a": [[1]]}, 3), json_depth_exceeds({"a": [[1]]}, 2)
+    (False, True)
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _read_json_file(path: Path, label: str) -> tuple[str, object]:
+    fd = open_regular(path)
+    try:
+        raw = _read_all(fd, MAX_JSON_BYTES)
+    except OSError as e:
+        raise _fail(path, f"cannot read {label}: {e.strerror or e}")
+    finally:
+        os.close(fd)
+    if raw is None:
+        raise _fail(path, f"{label} is larger than {MAX_JSON_BYTES} bytes; this is not a model's {label}")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _fail(path, f"{label} is not UTF-8 text")
-    except OSError as e:
-        raise _fail(path, f"cannot read {label}: {e.strerror}")
     try:
-        return text, json.loads(text)
+        value = json.loads(text)
+    except RecursionError:
+        raise _fail(path, f"{label} nests JSON too deeply to be a model's {label}; fix or re-download it")
     except ValueError as e:
         raise _fail(path, f"{label} is not valid JSON ({e}); fix or re-download it")
+    if json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise _fail(path, f"{label} nests JSON more than {MAX_JSON_DEPTH} levels deep; fix or re-download it")
+    return text, value
 
 
 def read_source_block(config: object, path: Path) -> tuple[int, int]:
@@ -272,6 +355,9 @@ def read_source_block(config: object, path: Path) -> tuple[int, int]:
     if (not isinstance(block, list) or len(block) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         raise _fail(path, f"weight_block_size is {json.dumps(block)}, expected two positive integers like [128, 128]")
+    if max(block) > MAX_BLOCK:
+        raise _fail(path, f"weight_block_size is {json.dumps(block)}: blocks above {MAX_BLOCK} are not "
+                          "a block-FP8 format any engine loads; is config.json right?")
     return (block[0], block[1])
 
 
@@ -282,9 +368,10 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
     tile the data area exactly (no hole, no overlap, nothing missing at the end).
     """
     where = name
+    fd = open_regular(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        size = os.fstat(fd).st_size
+        with open(fd, "rb", closefd=False) as f:
             prefix = f.read(8)
             if size < 8 or len(prefix) < 8:
                 raise _fail(where, f"file is {size} bytes, too short to be a safetensors file; re-download it")
@@ -297,7 +384,9 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
                                    "the file is truncated or corrupt, re-download it")
             raw = f.read(header_len)
     except OSError as e:
-        raise _fail(where, f"cannot read: {e.strerror}")
+        raise _fail(where, f"cannot read: {e.strerror or e}")
+    finally:
+        os.close(fd)
     return parse_shard_header(path, name, size, prefix + raw)
 
 
@@ -307,6 +396,8 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     header_len, raw = len(prefix) - 8, prefix[8:]
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise _fail(where, "header nests JSON too deeply to be a safetensors header; the file is corrupt")
     except (UnicodeDecodeError, ValueError):
         raise _fail(where, "header is not valid JSON; the file is corrupt, re-download it")
     if not isinstance(header, dict):
@@ -315,6 +406,9 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     if metadata is not None and not (
             isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _fail(where, "__metadata__ must map strings to strings; the file is corrupt")
+    if metadata and any(_has_surrogate(s) for kv in metadata.items() for s in kv):
+        raise _fail(where, "__metadata__ holds a lone UTF-16 surrogate (not valid Unicode), which the "
+                           "safetensors library refuses; the file is corrupt")
     data_start = 8 + header_len
     tensors = []
     for tname, info in header.items():
@@ -337,11 +431,25 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     return ShardHeader(name, path, size, metadata, tensors, prefix)
 
 
+def _has_surrogate(text: str) -> bool:
+    """True if `text` holds a lone UTF-16 surrogate: JSON's "\\ud800" escape decodes to one in
+    Python, but it is not Unicode and the safetensors library (serde_json) refuses it."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _tensor_entry(where: str, name: str, info: object, data_start: int) -> TensorEntry:
+    if _has_surrogate(name):
+        raise _fail(where, f"{name.encode('utf-8', 'backslashreplace').decode()}: tensor name holds a lone "
+                           "UTF-16 surrogate (not valid Unicode), which the safetensors library refuses; "
+                           "the file is corrupt")
     if not isinstance(info, dict):
         raise _fail(where, f"{name}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise _fail(where, f"{name}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                             for d in shape)):
@@ -483,14 +591,22 @@ def check_target_block(source: tuple[int, int], target: tuple[int, int]) -> None
                               f"{block_name(source)} blocks smaller and the other larger; do one at a time")
 
 
-def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
-    """Shard file names to convert, and the parsed index if there is one."""
-    names = sorted(p.name for p in input_dir.iterdir()
-                   if p.name.endswith(".safetensors") and p.is_file())
+def find_shards(input_dir: Path) -> tuple[list[str], str | None, dict | None]:
+    """Shard file names to convert, and the index (text and parsed) if there is one, read once.
+
+    Every top-level `*.safetensors` that is not a folder counts: a FIFO or a dangling link under
+    a shard's name is refused when its header is read, never skipped.
+    """
+    try:
+        with os.scandir(input_dir) as entries:
+            names = sorted(e.name for e in entries
+                           if e.name.endswith(".safetensors") and not e.is_dir())
+    except OSError as e:
+        raise _fail(input_dir, f"cannot list the folder: {e.strerror or e}")
     index_path = input_dir / INDEX_NAME
-    index = None
-    if index_path.exists():
-        _, index = _read_json_file(index_path, INDEX_NAME)
+    index = index_text = None
+    if os.path.lexists(index_path):
+        index_text, index = _read_json_file(index_path, INDEX_NAME)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise _fail(INDEX_NAME, "has no weight_map of tensor names to shard files; fix or re-download it")
@@ -506,7 +622,7 @@ def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
                                         "the download is incomplete")
     if not names:
         raise _fail(input_dir, "no .safetensors files found; is this the model folder?")
-    return names, index, index_path if index is not None else None
+    return names, index_text, index
 
 
 @dataclass(frozen=True)
@@ -651,34 +767,94 @@ def edit_json_text(text: str, key: str, value: object, expected: object) -> str:
     return json.dumps(expected, indent=2) + "\n"
 
 
-def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
-    """Every file below the folder except the converted ones, following symlinks (a Hugging Face
-    cache snapshot is a tree of links into ../../blobs)."""
-    found: list[OtherFile] = []
-    seen_dirs: set[str] = set()
-    for root, dirs, files in os.walk(input_dir, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen_dirs:       # a symlink loop
-            dirs[:] = []
+# Top-level folders that are not part of the model, by exact name: our own state (only present
+# mid --in-place, and the record a --restore is removing) and git's object store (a second full
+# copy of the weights under git-lfs). Anything else, e.g. `.resize_block_size_notes`, is copied.
+EXCLUDED_DIRS = {STATE_DIR, STATE_DIR + ".removing", ".git"}
+
+
+@dataclass(frozen=True)
+class LinkedFolder:
+    """A symlinked subfolder of the input that the walk followed."""
+    relpath: str
+    target: str                     # the real path it leads to
+
+
+def _ancestor_ids(real: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of `real` (a path without symlinks, which need not exist) and of every
+    existing folder above it: identities that a bind mount or other alias cannot disguise."""
+    ids = []
+    for folder in (Path(real), *Path(real).parents):
+        try:
+            st = os.stat(folder)
+        except OSError:
             continue
-        seen_dirs.add(real)
-        rel_root = Path(root).relative_to(input_dir)
-        # Our own state (only present mid --in-place) and git's object store (a second full copy of
-        # the weights under git-lfs) are not part of the model.
-        dirs[:] = sorted(d for d in dirs if not (rel_root == Path(".") and (d.startswith(STATE_DIR) or d == ".git")))
-        for f in sorted(files):
-            rel = (rel_root / f).as_posix()
-            if rel in skip:
+        ids.append((st.st_dev, st.st_ino))
+    return ids
+
+
+def walk_input(input_dir: Path, skip: set[str]) -> tuple[list[OtherFile], list[LinkedFolder]]:
+    """Every file below `input_dir` except `skip` (top-level names), and the symlinked subfolders
+    followed on the way (a Hugging Face cache snapshot is a tree of links into ../../blobs).
+
+    Iterative (any depth), in os.walk's top-down order. Nothing is skipped silently: a folder
+    that cannot be listed, a broken link, a FIFO or an unreadable file is an error, and every file
+    is opened and its first byte read, so a file the run would fail to copy fails validation. A
+    subfolder leading back to one of its own ancestors (a symlink or bind-mount loop) is refused.
+    """
+    files: list[OtherFile] = []
+    links: list[LinkedFolder] = []
+    top = os.stat(input_dir)
+    # (folder path, path relative to INPUT, identities of the folder and every folder above it)
+    stack = [(input_dir, "", (*_ancestor_ids(os.path.realpath(input_dir)), (top.st_dev, top.st_ino)))]
+    while stack:
+        folder, rel_folder, above = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise _fail(folder, f"cannot list this folder: {e.strerror or e}; fix its permissions "
+                                "(nothing in the input may be skipped)")
+        subfolders = []
+        for entry in entries:
+            rel = f"{rel_folder}{entry.name}"
+            if not rel_folder and entry.name in skip:
                 continue
-            path = Path(root) / f
+            path = Path(entry.path)
             try:
-                st = path.stat()
-            except OSError:
-                raise _fail(path, "is a broken symlink or unreadable; fix the download")
-            if not stat.S_ISREG(st.st_mode):
-                raise _fail(path, "is not a regular file (fifo, socket or device); remove it from the model folder")
-            found.append(OtherFile(rel, path, st.st_size))
-    return found
+                is_dir = entry.is_dir()
+                st = os.stat(path)
+            except OSError as e:
+                what = "is a broken symlink" if entry.is_symlink() else "cannot be read"
+                raise _fail(path, f"{what} ({e.strerror or e}); fix the download")
+            if not is_dir and not stat.S_ISREG(st.st_mode):
+                raise _fail(path, "is not a regular file (a fifo, socket or device); remove it from the "
+                                  "model folder or replace it with the real file")
+            if is_dir:
+                if not rel_folder and entry.name in EXCLUDED_DIRS:
+                    continue
+                if (st.st_dev, st.st_ino) in above:
+                    raise _fail(path, "leads back into a folder that contains it (a symlink or mount loop); "
+                                      "remove the link from the model folder")
+                if entry.is_symlink():
+                    links.append(LinkedFolder(rel, os.path.realpath(path)))
+                subfolders.append((path, rel + "/", (*above, (st.st_dev, st.st_ino))))
+                continue
+            fd = open_regular(path)
+            try:
+                os.read(fd, 1)          # readable, not only listed: else the copy fails mid-run
+            except OSError as e:
+                raise _fail(path, f"cannot read: {e.strerror or e}; fix its permissions or the download")
+            finally:
+                os.close(fd)
+            files.append(OtherFile(rel, path, st.st_size))
+        stack.extend(reversed(subfolders))
+    return files, links
+
+
+def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
+    """Every file below the folder except the converted ones (see `walk_input`)."""
+    return walk_input(input_dir, skip)[0]
 
 
 @dataclass
@@ -694,6 +870,7 @@ class Checkpoint:
     pairs: dict[str, ScalePair]     # by scale name
     fp8_weights: int
     others: list[OtherFile]
+    linked_dirs: list[LinkedFolder] = field(default_factory=list)   # symlinked subfolders followed
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
@@ -704,12 +881,12 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     if not folder.is_dir():
         raise _fail(folder, "is not a folder; give the model folder that holds config.json")
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise _fail(folder, "has no config.json; give the Hugging Face model folder (the one with config.json "
                             "and the .safetensors shards)")
     config_text, config = _read_json_file(config_path, CONFIG_NAME)
     source = read_source_block(config, config_path)
-    names, index, index_path = find_shards(folder)
+    names, index_text, index = find_shards(folder)
     headers = [read_shard_header(folder / n, n) for n in names]
     if index is not None:
         held = {h.name: {t.name for t in h.tensors} for h in headers}
@@ -719,9 +896,9 @@ def read_checkpoint(folder: Path) -> Checkpoint:
                                         "the index does not match the shards")
     pairs, fp8 = pair_scales(headers, source)
     skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
-    index_text = index_path.read_text(encoding="utf-8") if index_path else None
+    others, linked = walk_input(folder, skip)
     return Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8,
-                      list_other_files(folder, skip))
+                      others, linked)
 
 
 def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Plan:
