@@ -334,6 +334,14 @@ def _read_json_file(path: Path, label: str) -> tuple[str, object]:
     return text, value
 
 
+def input_folder(text: str) -> Path:
+    """The INPUT argument as a folder; an empty one is refused, not taken as the current folder
+    (`resize-block-size "$UNSET" --in-place` must not convert wherever the shell happens to be)."""
+    if not text:
+        raise ConversionError("INPUT is empty; give the model folder (use . for the current folder)")
+    return Path(text)
+
+
 def read_source_block(config: object, path: Path) -> tuple[int, int]:
     """The block size a config.json declares, after checking it is a block-FP8 checkpoint."""
     if not isinstance(config, dict):
@@ -926,7 +934,7 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
     for s in shards:
         digest.update(f"{s.name}:{s.source_size}:".encode() + s.header)
     for f in ckpt.others:
-        digest.update(f"{f.relpath}:{f.size}".encode())
+        digest.update(os.fsencode(f"{f.relpath}:{f.size}"))    # the name's bytes, UTF-8 or not
     return Plan(ckpt.folder, output_dir, source, target, shards, config_text, index_text, ckpt.others,
                 ckpt.fp8_weights, digest.hexdigest())
 
@@ -1519,16 +1527,36 @@ class OutputState:
     done_shards: set[str] = field(default_factory=set)
 
 
-def check_output_location(input_dir: Path, output_dir: Path) -> None:
-    """Refuse an output that is, contains, or lies inside the input, in any spelling."""
-    src = Path(os.path.realpath(input_dir))
-    dst = Path(os.path.realpath(output_dir))
-    if src == dst or (output_dir.exists() and os.path.samefile(input_dir, output_dir)):
+def _identity(path: Path | str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_output_location(input_dir: Path, output_dir: Path, linked_dirs: list[LinkedFolder] = ()) -> None:
+    """Refuse an output that is, contains, or lies inside the input, in any spelling, and one that a
+    symlinked subfolder of the input leads into (a re-run would read the half-written output).
+
+    Decided by identity (st_dev, st_ino) of OUTPUT and its existing ancestors, creating nothing:
+    a bind mount or any other alias of INPUT that realpath cannot see through is still INPUT.
+    """
+    src_real, dst_real = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    src, dst = _identity(input_dir), _identity(output_dir)
+    dst_and_above = _ancestor_ids(dst_real)
+    if src_real == dst_real or (dst is not None and dst == src):
         raise _fail(output_dir, "is the input folder; the input is never modified, choose another -o")
-    if src in dst.parents:
+    if src in dst_and_above:
         raise _fail(output_dir, f"is inside the input folder {input_dir}; choose a folder outside it")
-    if dst in src.parents:
+    if dst is not None and dst in _ancestor_ids(src_real):
         raise _fail(output_dir, f"contains the input folder {input_dir}; choose a new or empty folder")
+    for link in linked_dirs:
+        target = _identity(link.target)
+        if target in dst_and_above or (dst is not None and dst in _ancestor_ids(link.target)):
+            raise _fail(input_dir / link.relpath, f"is a symlink to {link.target}, which is, holds or lies inside "
+                                                  f"the output folder {output_dir}; remove the link or choose "
+                                                  "another -o")
 
 
 def inspect_output(plan: Plan) -> OutputState:
@@ -2240,7 +2268,7 @@ def run(args: argparse.Namespace) -> int:
     """The command: validate and plan, then dry-run, convert (to a new folder or in place),
     verify, or restore."""
     check_flags(args)
-    input_dir = Path(args.input)
+    input_dir = input_folder(args.input)
     copy_method = "no-share" if args.no_reflink else "auto"
     if args.restore:
         summary = restore_in_place(input_dir, copy=copy_method, quiet=args.quiet)
@@ -2268,7 +2296,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir = Path(args.output) if args.output else default_output(input_dir, target)
     plan = make_plan(ckpt, output_dir, target)
     if not args.in_place:
-        check_output_location(input_dir, output_dir)
+        check_output_location(input_dir, output_dir, ckpt.linked_dirs)
     if args.dry_run:
         info = describe_plan(plan, advice)
         info["in_place"] = bool(args.in_place)
