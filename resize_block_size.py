@@ -52,11 +52,13 @@ PROG = "resize-block-size"
 # header using them is read correctly even though they are never scales or resized).
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,           # AMD's FP8 variants (safetensors >= 0.7)
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
-FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+# The block grid of a scale does not depend on the FP8 element format, so every variant resizes.
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 SCALE_DTYPES = {"F32", "BF16", "F16", "F64", "F8_E8M0"}
 SCALE_SUFFIX = "_scale_inv"
 INDEX_NAME = "model.safetensors.index.json"
@@ -709,6 +711,12 @@ def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPla
         entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [p.out_begin, p.out_end]}
     body = json.dumps(entries, separators=(",", ":")).encode()
     header_len = _padded_header_len(len(body), pieces)
+    if header_len > MAX_HEADER_BYTES:       # alignment padding is an optimisation, the limit is not
+        header_len = -(-len(body) // 8) * 8
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(header.name, f"the converted header would be {header_len} bytes, above the "
+                                 f"{MAX_HEADER_BYTES}-byte limit of the safetensors library (engines could "
+                                 "not open the file); split this shard into smaller ones first")
     prefix = struct.pack("<Q", header_len) + body + b" " * (header_len - len(body))
     data_start = len(prefix)
     pieces = [Piece(p.name, p.dtype, p.shape, p.src_begin, p.src_end, p.out_begin + data_start,
@@ -1993,6 +2001,27 @@ class VerifyReport:
     files_equal: int = 0
     bytes_compared: int = 0
     problems: list[str] = field(default_factory=list)
+    reader: str = ""                # what read the output's headers back, for the summary line
+
+
+def safetensors_reader() -> tuple[Callable, str]:
+    """`safetensors.safe_open` and the library's version, or a one-line refusal.
+
+    --verify reads every output header with the library the engines use, so a bug shared by our
+    writer and our own header parser cannot pass it. Imported here: the converter never needs it.
+    """
+    try:
+        import numpy  # noqa: F401  (safe_open needs a framework; numpy is the light one)
+        import safetensors
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ConversionError(f"--verify reads the output back with the safetensors library, which cannot be "
+                              f"imported ({e}); run `pip install safetensors numpy` (or reinstall "
+                              "resize-block-size)")
+    if not hasattr(safe_open, "offset_keys"):
+        raise ConversionError(f"--verify needs safe_open.offset_keys, which safetensors {safetensors.__version__} "
+                              "lacks; run `pip install -U safetensors`")
+    return safe_open, f"safetensors {safetensors.__version__}"
 
 
 def first_difference(fd_a: int, off_a: int, fd_b: int, off_b: int, length: int,
@@ -2015,15 +2044,18 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
     """Check every output tensor and file against the input, without trusting the output's header
     layout: unchanged tensors byte-equal, scales equal to the replication of the source scale in the
     engine shape, config and index as planned, every other file byte-equal."""
-    report = VerifyReport()
+    safe_open, reader = safetensors_reader()
+    report = VerifyReport(reader=reader)
     out = plan.output_dir
+    in_input = _verify_listing(plan, report)
     total = (sum(p.src_end - p.src_begin for s in plan.shards for p in s.pieces)
              + sum(f.size for f in plan.other_files))
     with ProgressBar(total, "verifying", quiet) as bar:
         for shard in plan.shards:
-            _verify_shard(plan, shard, report, bar.update)
+            _verify_shard(plan, shard, report, bar.update, safe_open)
         for item in plan.other_files:
-            _verify_other_file(out, item, report, bar.update)
+            if item.relpath in in_input:            # else already reported by the listing
+                _verify_other_file(out, item, report, bar.update)
     _verify_json(out / CONFIG_NAME, plan.config_text, report,
                  "differs from the input's config.json with only weight_block_size changed")
     if plan.index_text is not None:
@@ -2034,21 +2066,64 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
     return report
 
 
-def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: Callable[[int], None]) -> None:
+def _verify_listing(plan: Plan, report: VerifyReport) -> set[str]:
+    """Compare a fresh, complete listing of the input (not the plan's) with the output's, at every
+    depth; returns the input's files. Anything missing or extra is a problem."""
+    listings = []
+    for folder, what in ((plan.input_dir, "input"), (plan.output_dir, "output")):
+        try:
+            listings.append({f.relpath for f in walk_input(folder, set())[0]})
+        except ConversionError as e:
+            report.problems.append(f"cannot list the {what} completely: {e}")
+            listings.append(set())
+    in_input, in_output = listings
+    for rel in sorted(in_input - in_output):
+        report.problems.append(f"{rel}: in the input but missing from the output")
+    for rel in sorted(in_output - in_input):
+        report.problems.append(f"{rel}: in the output but not in the input")
+    return in_input
+
+
+def _library_layout(path: Path, safe_open: Callable) -> tuple[dict[str, str] | None, dict[str, TensorEntry]]:
+    """A shard's __metadata__ and tensors as the safetensors library reads them. The library
+    gives names, dtypes, shapes and the data order but no offsets; it also checks that the
+    tensors tile the data area without gap or overlap, so the offsets follow from the order."""
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+        names = f.offset_keys()
+        with open(path, "rb") as raw:
+            (header_len,) = struct.unpack("<Q", raw.read(8))
+        offset, tensors = 8 + header_len, {}
+        for name in names:
+            piece = f.get_slice(name)
+            dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
+            end = offset + tensor_nbytes(dtype, shape)
+            tensors[name] = TensorEntry(name, dtype, shape, offset, end)
+            offset = end
+    if offset != os.stat(path).st_size:
+        raise ValueError(f"tensor data ends at byte {offset} but the file has {os.stat(path).st_size} bytes")
+    return metadata, tensors
+
+
+def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: Callable[[int], None],
+                  safe_open: Callable) -> None:
     path = plan.output_dir / shard.name
     if not path.is_file():
         report.problems.append(f"{shard.name}: missing from the output")
         return
     try:
-        header = read_shard_header(path, shard.name)
-    except ConversionError as e:
-        report.problems.append(str(e))
+        written_metadata, written = _library_layout(path, safe_open)
+    except Exception as e:          # the library's SafetensorError, an unknown dtype, ...
+        try:                        # our parser names the cause in the user's terms, if it sees one
+            read_shard_header(path, shard.name)
+            report.problems.append(f"{shard.name}: {report.reader} cannot read it: {e}")
+        except ConversionError as ours:
+            report.problems.append(f"{ours} ({report.reader}: {e})")
         return
     metadata = dict(read_shard_header(shard.source, shard.name).metadata or {})
     metadata.setdefault("format", "pt")
-    if header.metadata != metadata:
-        report.problems.append(f"{shard.name}: __metadata__ {header.metadata} differs from the input's {metadata}")
-    written = {t.name: t for t in header.tensors}
+    if written_metadata != metadata:
+        report.problems.append(f"{shard.name}: __metadata__ {written_metadata} differs from the input's {metadata}")
     if set(written) != {p.name for p in shard.pieces}:
         missing = sorted({p.name for p in shard.pieces} - set(written)) or sorted(set(written) - {p.name for p in shard.pieces})
         report.problems.append(f"{shard.name}: {missing[0]}: tensor names differ from the input shard")
@@ -2308,6 +2383,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print_summary(plan, summary)
         return 0
+    if args.verify:
+        safetensors_reader()                      # refuse before converting if it cannot run
     # --verify checks an output that no run is working on as it is, and never "repairs" it.
     finished = (output_dir.is_dir() and any(output_dir.iterdir())
                 and not os.path.lexists(output_dir / STATE_DIR))
@@ -2331,7 +2408,7 @@ def report_verification(plan: Plan, input_dir: Path, report: VerifyReport) -> in
         return 1
     print(f"verified {plan.output_dir}: {report.tensors_equal} tensors byte-identical, "
           f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
-          f"({human_bytes(report.bytes_compared)} compared)")
+          f"({human_bytes(report.bytes_compared)} compared; headers read back with {report.reader})")
     return 0
 
 
@@ -2340,6 +2417,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _describe_os_error(e: OSError) -> str:
+    return _os_error_text(e).replace("\n", " ").replace("\r", " ")    # one line, whatever the file name
+
+
+def _os_error_text(e: OSError) -> str:
     where = e.filename or "output"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{where}: disk full; the partial file was removed. Free space and re-run the same command to resume"

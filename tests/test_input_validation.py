@@ -10,11 +10,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -423,3 +426,143 @@ def test_symlinked_subfolder_to_a_folder_holding_the_output_is_refused(tmp_path:
     (tmp_path / "data").mkdir()
     (model / "linked").symlink_to(tmp_path / "data")
     refused(tmp_path, model, "-o", tmp_path / "data" / "out", words=[str(model / "linked"), "output folder"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: the dtype table is the one the installed safetensors library knows
+# ---------------------------------------------------------------------------------------------
+
+def _library_dtypes() -> dict[str, int]:
+    """Every dtype name the installed safetensors writes for some torch dtype, with its bits per
+    element as the library lays it out (bytes it stores * 8 / elements in the shape)."""
+    import torch
+    from safetensors.torch import save
+    found: dict[str, int] = {}
+    for value in vars(torch).values():
+        if not isinstance(value, torch.dtype):
+            continue
+        try:
+            with warnings.catch_warnings():            # experimental/deprecated torch dtypes
+                warnings.simplefilter("ignore")
+                blob = save({"t": torch.zeros(8, dtype=value)})
+        except Exception:              # a torch dtype safetensors has no name for
+            continue
+        (n,) = struct.unpack("<Q", blob[:8])
+        entry = json.loads(blob[8: 8 + n])["t"]
+        elements = math.prod(entry["shape"])
+        found[entry["dtype"]] = (entry["data_offsets"][1] - entry["data_offsets"][0]) * 8 // elements
+    return found
+
+
+def test_every_dtype_the_safetensors_library_writes_is_in_the_table_with_its_width() -> None:
+    library = _library_dtypes()
+    assert {"F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E4M3", "BF16"} <= set(library)   # the probe found them
+    assert {name: rbs.DTYPE_BITS.get(name) for name in library} == library
+
+
+@pytest.mark.parametrize("dtype", sorted(rbs.DTYPE_BITS))
+def test_every_dtype_in_the_table_is_one_the_safetensors_library_opens(dtype: str, tmp_path: Path) -> None:
+    nbytes = 8 * rbs.DTYPE_BITS[dtype] // 8
+    path = write_safetensors(tmp_path / "t.safetensors",
+                             {"t": {"dtype": dtype, "shape": [8], "data_offsets": [0, nbytes]}}, bytes(nbytes))
+    with safe_open(path, framework="numpy") as f:
+        assert f.get_slice("t").get_dtype() == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: outputs obey the safetensors header limit
+# ---------------------------------------------------------------------------------------------
+
+def _shard2_with_header_of(model: Path, size: int, metadata: dict) -> None:
+    """Shard 2 rewritten with a header JSON of exactly `size` bytes, grown by a long
+    `__metadata__` string (the cheapest way to a header near the 100 MB limit)."""
+    header, data = layout(hand_shards()[SHARD2], {**metadata, "notes": ""})
+    body = len(json.dumps(header, separators=(",", ":")))
+    header["__metadata__"]["notes"] = "x" * (size - body)
+    write_safetensors(model / SHARD2, header, data)
+    assert (model / SHARD2).stat().st_size == 8 + size + len(data)
+
+
+def test_output_header_over_the_safetensors_limit_is_refused_before_writing(tmp_path: Path) -> None:
+    """An input header just under the limit, without `format`: the output adds "format":"pt"."""
+    model = write_hand_checkpoint(tmp_path / "model")
+    _shard2_with_header_of(model, rbs.MAX_HEADER_BYTES - 8, {})
+    with safe_open(model / SHARD2, framework="numpy") as f:     # the input itself is valid
+        assert f.metadata()["notes"].startswith("x")
+    refused(tmp_path, model, "-o", tmp_path / "out", words=[SHARD2, "header", "100000000", "safetensors"])
+
+
+def test_output_header_near_the_limit_drops_alignment_padding_and_opens(tmp_path: Path) -> None:
+    model = write_hand_checkpoint(tmp_path / "model")
+    _shard2_with_header_of(model, rbs.MAX_HEADER_BYTES - 8, {"format": "pt"})
+    out = tmp_path / "out"
+    converted(model, out)
+    with open(out / SHARD2, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    assert rbs.MAX_HEADER_BYTES - rbs.ALIGN < header_len <= rbs.MAX_HEADER_BYTES
+    with safe_open(out / SHARD2, framework="pt") as f:
+        assert list(f.get_slice(DOWN + "_scale_inv").get_shape()) == [4, 3]
+        assert f.get_tensor(NORM).shape == (128,)
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify: read back with the safetensors library, against a fresh listing of the input
+# ---------------------------------------------------------------------------------------------
+
+def test_verify_summary_names_the_library_that_read_the_headers(tmp_path: Path) -> None:
+    import safetensors
+    model = write_hand_checkpoint(tmp_path / "model")
+    result = cli(model, "-o", tmp_path / "out", "--verify")
+    assert result.returncode == 0, result.stderr
+    assert f"read back with safetensors {safetensors.__version__}" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["safetensors", "numpy"])
+def test_verify_without_the_safetensors_library_is_refused_before_converting(module: str, tmp_path: Path) -> None:
+    model = write_hand_checkpoint(tmp_path / "model")
+
+    def hide() -> None:
+        sys.modules[module] = None             # `import MODULE` now raises ImportError
+    refused(tmp_path, model, "-o", tmp_path / "out", "--verify", words=["safetensors", "pip install", module],
+            before=hide)
+
+
+def test_verify_reports_input_files_added_after_the_conversion_in_subfolders(tmp_path: Path) -> None:
+    model = write_hand_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    converted(model, out)
+    _write(model / "original" / "params.json", "{}")
+    result = cli(model, "-o", out, "--verify")
+    assert result.returncode != 0 and "verified" not in result.stdout
+    assert "original/params.json: in the input but missing from the output" in result.stderr
+
+
+def test_verify_reports_files_in_the_output_that_are_not_in_the_input(tmp_path: Path) -> None:
+    model = write_hand_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    converted(model, out)
+    _write(out / "sub" / "stray.bin", "?")
+    result = cli(model, "-o", out, "--verify")
+    assert result.returncode != 0 and "verified" not in result.stdout
+    assert "sub/stray.bin: in the output but not in the input" in result.stderr
+
+
+def test_verify_reports_an_output_shard_the_library_refuses(tmp_path: Path) -> None:
+    """A header our own parser would take but the library does not: a lone surrogate in a name."""
+    model = write_hand_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    converted(model, out)
+    raw = (out / SHARD2).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8: 8 + n].replace(b'"model.norm.weight"', b'"model.norm.\\ud800"')    # same length
+    (out / SHARD2).write_bytes(raw[:8] + header + raw[8 + n:])
+    result = cli(model, "-o", out, "--verify")
+    assert result.returncode != 0 and "verified" not in result.stdout
+    line = next(line for line in result.stderr.splitlines() if SHARD2 in line)
+    assert_words(line, ["surrogate", "safetensors"])
+
+
+def test_os_error_message_naming_a_file_with_a_newline_is_one_line() -> None:
+    error = OSError(13, "Permission denied", "/models/x/notes\nmore.txt")
+    assert "\n" not in rbs._describe_os_error(error)
+    assert "notes more.txt" in rbs._describe_os_error(error)
