@@ -233,7 +233,9 @@ def block_name(block: tuple[int, int]) -> str:
 # Reading: config.json and safetensors headers (8-byte little-endian length, then JSON)
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+# slots=True on the per-tensor classes: a shard header can hold hundreds of thousands of tensors,
+# and an instance without a __dict__ is a fraction of the size.
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of a shard header; `begin`/`end` are absolute byte offsets in the file."""
     name: str
@@ -405,7 +407,7 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     where = name
     header_len, raw = len(prefix) - 8, prefix[8:]
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_compact_object)
     except RecursionError:
         raise _fail(where, "header nests JSON too deeply to be a safetensors header; the file is corrupt")
     except (UnicodeDecodeError, ValueError):
@@ -441,6 +443,23 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     return ShardHeader(name, path, size, metadata, tensors, prefix)
 
 
+class _EntryInfo(tuple):
+    """(dtype, shape, data_offsets) of one header entry, as parsed: a 3-tuple is a third of the
+    size of the 3-key dict json.loads would build, and a header can hold 100,000s of them."""
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _compact_object(pairs: list[tuple[str, object]]) -> object:
+    """json.loads' object_pairs_hook for headers: tensor entries become `_EntryInfo`s."""
+    if len(pairs) == 3 and {k for k, _ in pairs} == _ENTRY_KEYS:
+        info = dict(pairs)
+        if isinstance(info["shape"], list) and isinstance(info["data_offsets"], list):
+            return _EntryInfo((info["dtype"], info["shape"], info["data_offsets"]))
+    return dict(pairs)
+
+
 def _has_surrogate(text: str) -> bool:
     """True if `text` holds a lone UTF-16 surrogate: JSON's "\\ud800" escape decodes to one in
     Python, but it is not Unicode and the safetensors library (serde_json) refuses it."""
@@ -456,9 +475,12 @@ def _tensor_entry(where: str, name: str, info: object, data_start: int) -> Tenso
         raise _fail(where, f"{name.encode('utf-8', 'backslashreplace').decode()}: tensor name holds a lone "
                            "UTF-16 surrogate (not valid Unicode), which the safetensors library refuses; "
                            "the file is corrupt")
-    if not isinstance(info, dict):
+    if isinstance(info, _EntryInfo):
+        dtype, shape, offsets = info
+    elif isinstance(info, dict):
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    else:
         raise _fail(where, f"{name}: header entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise _fail(where, f"{name}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -479,7 +501,7 @@ def _tensor_entry(where: str, name: str, info: object, data_start: int) -> Tenso
 # Planning: everything the writer does, decided from headers alone
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScaleResize:
     """How one scale tensor changes: from `old_block` to `new_block` (either may be larger)."""
     weight: str
@@ -494,20 +516,33 @@ class ScaleResize:
                            self.new_block, self.old_block)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
-    """One tensor of an output shard: copied from `src_begin..src_end`, or a resized scale."""
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    src_begin: int
-    src_end: int
+    """One tensor of an output shard: the source `tensor`'s bytes copied, or a resized scale."""
+    tensor: TensorEntry             # name, dtype and where it is in the source file
+    shape: tuple[int, ...]          # in the output (a resized scale's new shape)
     out_begin: int                  # absolute offset in the output file
     out_end: int
     resize: ScaleResize | None = None
 
+    @property
+    def name(self) -> str:
+        return self.tensor.name
 
-@dataclass(frozen=True)
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def src_begin(self) -> int:
+        return self.tensor.begin
+
+    @property
+    def src_end(self) -> int:
+        return self.tensor.end
+
+
+@dataclass(frozen=True, slots=True)
 class CopyRun:
     """Adjacent unchanged tensors, copied (or shared) as one byte range."""
     src: int
@@ -635,7 +670,7 @@ def find_shards(input_dir: Path) -> tuple[list[str], str | None, dict | None]:
     return names, index_text, index
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScalePair:
     """An FP8 weight and its block scale, possibly in different shards."""
     weight: TensorEntry
@@ -697,19 +732,23 @@ def _check_scale(shard: str, scale: TensorEntry, w: TensorEntry | None, source: 
 
 def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPlan:
     """Lay out one output shard: same tensors in the same order, resized scales, aligned runs."""
-    pieces, offset = [], 0
+    # Offsets relative to the data area first (they go into the JSON), made absolute below.
+    relative, offset = [], 0
     for t in header.tensors:
         r = resizes.get(t.name)
         shape = r.new_shape if r else t.shape
         length = tensor_nbytes(t.dtype, shape)
-        pieces.append(Piece(t.name, t.dtype, shape, t.begin, t.end, offset, offset + length, r))
+        relative.append(Piece(t, shape, offset, offset + length, r))
         offset += length
     metadata = dict(header.metadata or {})
     metadata.setdefault("format", "pt")
-    entries: dict[str, object] = {"__metadata__": metadata}
-    for p in pieces:
-        entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [p.out_begin, p.out_end]}
-    body = json.dumps(entries, separators=(",", ":")).encode()
+    # The JSON is joined from one small fragment per tensor rather than dumped from a dict of
+    # dicts, which for a large header would take several times its size in memory.
+    dumps = json.dumps
+    body = ('{"__metadata__":' + dumps(metadata, separators=(",", ":")) + "".join(
+        f',{dumps(p.name)}:{{"dtype":{dumps(p.dtype)},"shape":[{",".join(map(str, p.shape))}],'
+        f'"data_offsets":[{p.out_begin},{p.out_end}]}}' for p in relative) + "}").encode()
+    pieces = relative
     header_len = _padded_header_len(len(body), pieces)
     if header_len > MAX_HEADER_BYTES:       # alignment padding is an optimisation, the limit is not
         header_len = -(-len(body) // 8) * 8
@@ -719,15 +758,15 @@ def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPla
                                  "not open the file); split this shard into smaller ones first")
     prefix = struct.pack("<Q", header_len) + body + b" " * (header_len - len(body))
     data_start = len(prefix)
-    pieces = [Piece(p.name, p.dtype, p.shape, p.src_begin, p.src_end, p.out_begin + data_start,
-                    p.out_end + data_start, p.resize) for p in pieces]
+    pieces = [Piece(p.tensor, p.shape, p.out_begin + data_start, p.out_end + data_start, p.resize)
+              for p in relative]
     return ShardPlan(header.name, header.path, header.size, prefix, pieces, data_start + offset)
 
 
 def invert_shard(forward: ShardPlan, original: ShardHeader) -> ShardPlan:
     """The plan that turns `forward`'s output back into the `original` file, byte for byte."""
     where = {t.name: t for t in original.tensors}
-    pieces = sorted((Piece(p.name, p.dtype, where[p.name].shape, p.out_begin, p.out_end,
+    pieces = sorted((Piece(TensorEntry(p.name, p.dtype, p.shape, p.out_begin, p.out_end), where[p.name].shape,
                            where[p.name].begin, where[p.name].end, p.resize and p.resize.reversed())
                      for p in forward.pieces), key=lambda p: p.out_begin)
     return ShardPlan(forward.name, original.path, forward.out_size, original.prefix, pieces, original.size)
