@@ -566,3 +566,25 @@ def test_os_error_message_naming_a_file_with_a_newline_is_one_line() -> None:
     error = OSError(13, "Permission denied", "/models/x/notes\nmore.txt")
     assert "\n" not in rbs._describe_os_error(error)
     assert "notes more.txt" in rbs._describe_os_error(error)
+
+
+@pytest.mark.parametrize("fp8", ["F8_E4M3FNUZ", "F8_E5M2FNUZ"])
+def test_fnuz_checkpoint_converts_with_weights_unchanged_and_scales_replicated(fp8: str, tmp_path: Path) -> None:
+    """A checkpoint of AMD's FP8 variants (safetensors >= 0.7 writes them) used to be refused as
+    'unknown dtype'; the block grid does not depend on the element format."""
+    import torch
+    shards = hand_shards()
+    for tensors in shards.values():
+        for name, (dtype, shape, raw) in list(tensors.items()):
+            if dtype == "F8_E4M3":
+                tensors[name] = (fp8, shape, raw)
+    model = write_hand_checkpoint(tmp_path / "model", shards)
+    out = tmp_path / "out"
+    converted(model, out, "--verify")
+    with safe_open(model / SHARD2, framework="pt") as a, safe_open(out / SHARD2, framework="pt") as b:
+        weight, new = a.get_tensor(DOWN), b.get_tensor(DOWN)
+        assert weight.dtype == new.dtype == getattr(torch, "float8_" + fp8[3:].lower().replace("_", ""))
+        assert torch.equal(weight.view(torch.uint8), new.view(torch.uint8))
+        scale = a.get_tensor(DOWN + "_scale_inv")
+        expected = scale.repeat_interleave(2, 0).repeat_interleave(2, 1)[:4, :3]
+        assert torch.equal(b.get_tensor(DOWN + "_scale_inv"), expected)
