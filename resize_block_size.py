@@ -953,7 +953,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
     others, linked = walk_input(folder, skip)
     return Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8,
-                      others, linked)
+                      others, linked_dirs=linked)
 
 
 def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Plan:
