@@ -58,18 +58,26 @@ PROG = "resize-block-size"
 # header using them is read correctly even though they are never scales or resized).
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,           # AMD's FP8 variants (safetensors >= 0.7)
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
-FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+# The block grid of a scale does not depend on the FP8 element format, so every variant resizes.
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 SCALE_DTYPES = {"F32", "BF16", "F16", "F64", "F8_E8M0"}
 SCALE_SUFFIX = "_scale_inv"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 STATE_DIR = ".resize_block_size"      # inside OUTPUT while a run is unfinished, in INPUT after --in-place
 MAX_HEADER_BYTES = 100_000_000        # the limit the safetensors library itself enforces
+MAX_JSON_BYTES = 100_000_000          # config.json and the index: far above any real one
+MAX_JSON_DEPTH = 100                  # nesting of config.json and the index (real ones: under 10)
 MIN_BLOCK = 16                        # engine GEMM kernels (tl.dot) need K tiles of >= 16
+# Replicating scales allocates (block ratio) x (scale size): a bound on block edges keeps that
+# within memory (a config saying [2**62, 2**62] is refused, not a MemoryError mid-run). Engines
+# use 128; no block-FP8 format uses edges anywhere near this.
+MAX_BLOCK = 1 << 16
 # Output data is laid out so that large unchanged byte runs keep their source offset modulo this,
 # which lets XFS/btrfs share them (reflink). 4096 is the block size of every common filesystem;
 # a fixed value keeps the output bytes independent of where the tool runs.
@@ -84,6 +92,10 @@ DIRECT_CHUNK = 32 << 20
 
 class ConversionError(Exception):
     """A problem the user can act on; printed as one line, exit code 1."""
+
+    def __init__(self, message: object = "") -> None:
+        # One line whatever a file or tensor name holds (a newline in a name is legal).
+        super().__init__(str(message).replace("\n", " ").replace("\r", " "))
 
 
 class UsageError(ConversionError):
@@ -108,14 +120,16 @@ def parse_block_size(text: str) -> tuple[int, int]:
     >>> parse_block_size("64"), parse_block_size("64x64"), parse_block_size("64,128")
     ((64, 64), (64, 64), (64, 128))
     """
-    # One number, or two joined by one separator: "64x" or "x64" is a typo, not 64x64.
-    m = re.fullmatch(r"\s*(\d+)(?:\s*[x,X\s]\s*(\d+))?\s*", text)
-    if not m:
+    # ASCII digits only: str.isdigit() and int() also take "²" or "٦٤", which no one means.
+    match = re.fullmatch(r"\s*([0-9]+)(?:(?:\s*[xX,]\s*|\s+)([0-9]+))?\s*", text, re.ASCII)
+    if not match:
         raise UsageError(
             f"--block-size {text!r}: expected one or two positive integers, like 64, 64x64 or 64,128")
-    sizes = [int(g) for g in m.groups() if g is not None]
+    sizes = [int(p) for p in match.groups() if p is not None]
     if min(sizes) <= 0:
         raise UsageError(f"--block-size {text!r}: block sizes must be positive")
+    if max(sizes) > MAX_BLOCK:
+        raise UsageError(f"--block-size {text!r}: block sizes above {MAX_BLOCK} are not supported")
     return (sizes[0], sizes[-1])
 
 
@@ -230,7 +244,9 @@ def block_name(block: tuple[int, int]) -> str:
 # Reading: config.json and safetensors headers (8-byte little-endian length, then JSON)
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+# slots=True on the per-tensor classes: a shard header can hold hundreds of thousands of tensors,
+# and an instance without a __dict__ is a fraction of the size.
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of a shard header; `begin`/`end` are absolute byte offsets in the file."""
     name: str
@@ -265,17 +281,87 @@ class ShardHeader:
     identity: FileIdentity | None = None    # the file the header was read from, if read from one
 
 
-def _read_json_file(path: Path, label: str) -> tuple[str, object]:
+def open_regular(path: Path) -> int:
+    """Open `path` (following symlinks) for reading, refusing anything but a regular file.
+
+    O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever. It changes
+    nothing for regular files.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        if stat.S_ISREG(os.stat(path).st_mode):       # never open a device: opening may act
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            fd = -1
+    except OSError as e:
+        what = "is a broken symlink" if os.path.islink(path) and not os.path.exists(path) else "cannot be read"
+        raise _fail(path, f"{what} ({e.strerror or e}); fix its permissions or the download")
+    try:
+        mode = os.fstat(fd).st_mode if fd >= 0 else 0
+    except OSError as e:
+        os.close(fd)
+        raise _fail(path, f"cannot read: {e.strerror or e}")
+    if not stat.S_ISREG(mode):
+        if fd >= 0:
+            os.close(fd)
+        raise _fail(path, "is not a regular file (a folder, fifo, socket or device); remove it from the "
+                          "model folder or replace it with the real file")
+    return fd
+
+
+def _read_all(fd: int, limit: int) -> bytes | None:
+    """The whole file behind `fd`, or None if it is longer than `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
+def json_depth_exceeds(value: object, limit: int) -> bool:
+    """True if `value` nests lists/objects deeper than `limit`; iterative, so any depth is safe.
+
+    >>> json_depth_exceeds({"a": [[1]]}, 3), json_depth_exceeds({"a": [[1]]}, 2)
+    (False, True)
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _read_json_file(path: Path, label: str) -> tuple[str, object]:
+    fd = open_regular(path)
+    try:
+        raw = _read_all(fd, MAX_JSON_BYTES)
+    except OSError as e:
+        raise _fail(path, f"cannot read {label}: {e.strerror or e}")
+    finally:
+        os.close(fd)
+    if raw is None:
+        raise _fail(path, f"{label} is larger than {MAX_JSON_BYTES} bytes; this is not a model's {label}")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _fail(path, f"{label} is not UTF-8 text")
-    except OSError as e:
-        raise _fail(path, f"cannot read {label}: {e.strerror}")
     try:
-        return text, json.loads(text)
+        value = json.loads(text)
+    except RecursionError:
+        raise _fail(path, f"{label} nests JSON too deeply to be a model's {label}; fix or re-download it")
     except ValueError as e:
         raise _fail(path, f"{label} is not valid JSON ({e}); fix or re-download it")
+    if json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise _fail(path, f"{label} nests JSON more than {MAX_JSON_DEPTH} levels deep; fix or re-download it")
+    return text, value
 
 
 # Where engines look for the quantization settings: config.json's top level, and for multimodal
@@ -360,6 +446,9 @@ def _fp8_block(qc: dict, path: Path, where: str) -> tuple[int, int]:
     if block is None:
         raise _fail(path, f"weight_block_size is {json.dumps(qc['weight_block_size'])}, expected two positive "
                           "integers like [128, 128]")
+    if max(block) > MAX_BLOCK:
+        raise _fail(path, f"weight_block_size is {json.dumps(list(block))}: blocks above {MAX_BLOCK} are not "
+                          "a block-FP8 format any engine loads; is config.json right?")
     return block
 
 
@@ -389,6 +478,9 @@ def _compressed_tensors_block(qc: dict, path: Path, where: str) -> tuple[int, in
         if block is None:
             raise _fail(path, f"{where}: config group {name}: block_structure is "
                               f"{json.dumps(weights.get('block_structure'))}, expected two positive integers")
+        if max(block) > MAX_BLOCK:
+            raise _fail(path, f"{where}: config group {name}: block_structure is {json.dumps(list(block))}: "
+                              f"blocks above {MAX_BLOCK} are not a block-FP8 format any engine loads")
         blocks.add(block)
     if len(blocks) != 1:
         raise _fail(path, f"{where}: config groups use different blocks {sorted(blocks)}; one block per "
@@ -482,10 +574,11 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
     tile the data area exactly (no hole, no overlap, nothing missing at the end).
     """
     where = name
+    fd = open_regular(path)
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
+        st = os.fstat(fd)
+        size = st.st_size
+        with open(fd, "rb", closefd=False) as f:
             prefix = f.read(8)
             if size < 8 or len(prefix) < 8:
                 raise _fail(where, f"file is {size} bytes, too short to be a safetensors file; re-download it")
@@ -498,7 +591,9 @@ def read_shard_header(path: Path, name: str) -> ShardHeader:
                                    "the file is truncated or corrupt, re-download it")
             raw = f.read(header_len)
     except OSError as e:
-        raise _fail(where, f"cannot read: {e.strerror}")
+        raise _fail(where, f"cannot read: {e.strerror or e}")
+    finally:
+        os.close(fd)
     return dataclasses.replace(parse_shard_header(path, name, size, prefix + raw), identity=FileIdentity.of(st))
 
 
@@ -507,7 +602,9 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     where = name
     header_len, raw = len(prefix) - 8, prefix[8:]
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_compact_object)
+    except RecursionError:
+        raise _fail(where, "header nests JSON too deeply to be a safetensors header; the file is corrupt")
     except (UnicodeDecodeError, ValueError):
         raise _fail(where, "header is not valid JSON; the file is corrupt, re-download it")
     if not isinstance(header, dict):
@@ -516,6 +613,9 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     if metadata is not None and not (
             isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _fail(where, "__metadata__ must map strings to strings; the file is corrupt")
+    if metadata and any(_has_surrogate(s) for kv in metadata.items() for s in kv):
+        raise _fail(where, "__metadata__ holds a lone UTF-16 surrogate (not valid Unicode), which the "
+                           "safetensors library refuses; the file is corrupt")
     data_start = 8 + header_len
     tensors = []
     for tname, info in header.items():
@@ -538,11 +638,45 @@ def parse_shard_header(path: Path, name: str, size: int, prefix: bytes) -> Shard
     return ShardHeader(name, path, size, metadata, tensors, prefix)
 
 
+class _EntryInfo(tuple):
+    """(dtype, shape, data_offsets) of one header entry, as parsed: a 3-tuple is a third of the
+    size of the 3-key dict json.loads would build, and a header can hold 100,000s of them."""
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+def _compact_object(pairs: list[tuple[str, object]]) -> object:
+    """json.loads' object_pairs_hook for headers: tensor entries become `_EntryInfo`s."""
+    if len(pairs) == 3 and {k for k, _ in pairs} == _ENTRY_KEYS:
+        info = dict(pairs)
+        if isinstance(info["shape"], list) and isinstance(info["data_offsets"], list):
+            return _EntryInfo((info["dtype"], info["shape"], info["data_offsets"]))
+    return dict(pairs)
+
+
+def _has_surrogate(text: str) -> bool:
+    """True if `text` holds a lone UTF-16 surrogate: JSON's "\\ud800" escape decodes to one in
+    Python, but it is not Unicode and the safetensors library (serde_json) refuses it."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _tensor_entry(where: str, name: str, info: object, data_start: int) -> TensorEntry:
-    if not isinstance(info, dict):
+    if _has_surrogate(name):
+        raise _fail(where, f"{name.encode('utf-8', 'backslashreplace').decode()}: tensor name holds a lone "
+                           "UTF-16 surrogate (not valid Unicode), which the safetensors library refuses; "
+                           "the file is corrupt")
+    if isinstance(info, _EntryInfo):
+        dtype, shape, offsets = info
+    elif isinstance(info, dict):
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    else:
         raise _fail(where, f"{name}: header entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise _fail(where, f"{name}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                             for d in shape)):
@@ -562,7 +696,7 @@ def _tensor_entry(where: str, name: str, info: object, data_start: int) -> Tenso
 # Planning: everything the writer does, decided from headers alone
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScaleResize:
     """How one scale tensor changes: from `old_block` to `new_block` (either may be larger)."""
     weight: str
@@ -577,20 +711,33 @@ class ScaleResize:
                            self.new_block, self.old_block)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
-    """One tensor of an output shard: copied from `src_begin..src_end`, or a resized scale."""
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    src_begin: int
-    src_end: int
+    """One tensor of an output shard: the source `tensor`'s bytes copied, or a resized scale."""
+    tensor: TensorEntry             # name, dtype and where it is in the source file
+    shape: tuple[int, ...]          # in the output (a resized scale's new shape)
     out_begin: int                  # absolute offset in the output file
     out_end: int
     resize: ScaleResize | None = None
 
+    @property
+    def name(self) -> str:
+        return self.tensor.name
 
-@dataclass(frozen=True)
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def src_begin(self) -> int:
+        return self.tensor.begin
+
+    @property
+    def src_end(self) -> int:
+        return self.tensor.end
+
+
+@dataclass(frozen=True, slots=True)
 class CopyRun:
     """Adjacent unchanged tensors, copied (or shared) as one byte range."""
     src: int
@@ -688,14 +835,22 @@ def check_target_block(source: tuple[int, int], target: tuple[int, int]) -> None
                               f"{block_name(source)} blocks smaller and the other larger; do one at a time")
 
 
-def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
-    """Shard file names to convert, and the parsed index if there is one."""
-    names = sorted(p.name for p in input_dir.iterdir()
-                   if p.name.endswith(".safetensors") and p.is_file())
+def find_shards(input_dir: Path) -> tuple[list[str], str | None, dict | None]:
+    """Shard file names to convert, and the index (text and parsed) if there is one, read once.
+
+    Every top-level `*.safetensors` that is not a folder counts: a FIFO or a dangling link under
+    a shard's name is refused when its header is read, never skipped.
+    """
+    try:
+        with os.scandir(input_dir) as entries:
+            names = sorted(e.name for e in entries
+                           if e.name.endswith(".safetensors") and not e.is_dir())
+    except OSError as e:
+        raise _fail(input_dir, f"cannot list the folder: {e.strerror or e}")
     index_path = input_dir / INDEX_NAME
-    index = None
-    if index_path.exists():
-        _, index = _read_json_file(index_path, INDEX_NAME)
+    index = index_text = None
+    if os.path.lexists(index_path):
+        index_text, index = _read_json_file(index_path, INDEX_NAME)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise _fail(INDEX_NAME, "has no weight_map of tensor names to shard files; fix or re-download it")
@@ -711,10 +866,10 @@ def find_shards(input_dir: Path) -> tuple[list[str], dict | None, Path | None]:
                                         "the download is incomplete")
     if not names:
         raise _fail(input_dir, "no .safetensors files found; is this the model folder?")
-    return names, index, index_path if index is not None else None
+    return names, index_text, index
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScalePair:
     """An FP8 weight and its block scale, possibly in different shards."""
     weight: TensorEntry
@@ -816,22 +971,33 @@ def _check_scale(shard: str, scale: TensorEntry, w: TensorEntry | None, source: 
 
 def plan_shard(header: ShardHeader, resizes: dict[str, ScaleResize]) -> ShardPlan:
     """Lay out one output shard: same tensors in the same order, resized scales, aligned runs."""
-    pieces, offset = [], 0
+    # Offsets relative to the data area first (they go into the JSON), made absolute below.
+    relative, offset = [], 0
     for t in header.tensors:
         r = resizes.get(t.name)
         shape = r.new_shape if r else t.shape
         length = tensor_nbytes(t.dtype, shape)
-        pieces.append(Piece(t.name, t.dtype, shape, t.begin, t.end, offset, offset + length, r))
+        relative.append(Piece(t, shape, offset, offset + length, r))
         offset += length
-    entries: dict[str, object] = {"__metadata__": output_metadata(header.metadata)}
-    for p in pieces:
-        entries[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [p.out_begin, p.out_end]}
-    body = json.dumps(entries, separators=(",", ":")).encode()
+    metadata = output_metadata(header.metadata)
+    # The JSON is joined from one small fragment per tensor rather than dumped from a dict of
+    # dicts, which for a large header would take several times its size in memory.
+    dumps = json.dumps
+    body = ('{"__metadata__":' + dumps(metadata, separators=(",", ":")) + "".join(
+        f',{dumps(p.name)}:{{"dtype":{dumps(p.dtype)},"shape":[{",".join(map(str, p.shape))}],'
+        f'"data_offsets":[{p.out_begin},{p.out_end}]}}' for p in relative) + "}").encode()
+    pieces = relative
     header_len = _padded_header_len(len(body), pieces)
+    if header_len > MAX_HEADER_BYTES:       # alignment padding is an optimisation, the limit is not
+        header_len = -(-len(body) // 8) * 8
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(header.name, f"the converted header would be {header_len} bytes, above the "
+                                 f"{MAX_HEADER_BYTES}-byte limit of the safetensors library (engines could "
+                                 "not open the file); split this shard into smaller ones first")
     prefix = struct.pack("<Q", header_len) + body + b" " * (header_len - len(body))
     data_start = len(prefix)
-    pieces = [Piece(p.name, p.dtype, p.shape, p.src_begin, p.src_end, p.out_begin + data_start,
-                    p.out_end + data_start, p.resize) for p in pieces]
+    pieces = [Piece(p.tensor, p.shape, p.out_begin + data_start, p.out_end + data_start, p.resize)
+              for p in relative]
     return ShardPlan(header.name, header.path, header.size, prefix, pieces, data_start + offset,
                      header.prefix, header.identity)
 
@@ -849,7 +1015,7 @@ def output_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 def invert_shard(forward: ShardPlan, original: ShardHeader) -> ShardPlan:
     """The plan that turns `forward`'s output back into the `original` file, byte for byte."""
     where = {t.name: t for t in original.tensors}
-    pieces = sorted((Piece(p.name, p.dtype, where[p.name].shape, p.out_begin, p.out_end,
+    pieces = sorted((Piece(TensorEntry(p.name, p.dtype, p.shape, p.out_begin, p.out_end), where[p.name].shape,
                            where[p.name].begin, where[p.name].end, p.resize and p.resize.reversed())
                      for p in forward.pieces), key=lambda p: p.out_begin)
     return ShardPlan(forward.name, original.path, forward.out_size, original.prefix, pieces, original.size,
@@ -961,34 +1127,95 @@ def _values_of(doc: object, key: str) -> list[object]:
     return found
 
 
-def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
-    """Every file below the folder except the converted ones, following symlinks (a Hugging Face
-    cache snapshot is a tree of links into ../../blobs)."""
-    found: list[OtherFile] = []
-    seen_dirs: set[str] = set()
-    for root, dirs, files in os.walk(input_dir, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen_dirs:       # a symlink loop
-            dirs[:] = []
+
+# Top-level folders that are not part of the model, by exact name: our own state (only present
+# mid --in-place, and the record a --restore is removing) and git's object store (a second full
+# copy of the weights under git-lfs). Anything else, e.g. `.resize_block_size_notes`, is copied.
+EXCLUDED_DIRS = {STATE_DIR, STATE_DIR + ".removing", ".git"}
+
+
+@dataclass(frozen=True)
+class LinkedFolder:
+    """A symlinked subfolder of the input that the walk followed."""
+    relpath: str
+    target: str                     # the real path it leads to
+
+
+def _ancestor_ids(real: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of `real` (a path without symlinks, which need not exist) and of every
+    existing folder above it: identities that a bind mount or other alias cannot disguise."""
+    ids = []
+    for folder in (Path(real), *Path(real).parents):
+        try:
+            st = os.stat(folder)
+        except OSError:
             continue
-        seen_dirs.add(real)
-        rel_root = Path(root).relative_to(input_dir)
-        # Our own state (only present mid --in-place) and git's object store (a second full copy of
-        # the weights under git-lfs) are not part of the model.
-        dirs[:] = sorted(d for d in dirs if not (rel_root == Path(".") and (d.startswith(STATE_DIR) or d == ".git")))
-        for f in sorted(files):
-            rel = (rel_root / f).as_posix()
-            if rel in skip:
+        ids.append((st.st_dev, st.st_ino))
+    return ids
+
+
+def walk_input(input_dir: Path, skip: set[str]) -> tuple[list[OtherFile], list[LinkedFolder]]:
+    """Every file below `input_dir` except `skip` (top-level names), and the symlinked subfolders
+    followed on the way (a Hugging Face cache snapshot is a tree of links into ../../blobs).
+
+    Iterative (any depth), in os.walk's top-down order. Nothing is skipped silently: a folder
+    that cannot be listed, a broken link, a FIFO or an unreadable file is an error, and every file
+    is opened and its first byte read, so a file the run would fail to copy fails validation. A
+    subfolder leading back to one of its own ancestors (a symlink or bind-mount loop) is refused.
+    """
+    files: list[OtherFile] = []
+    links: list[LinkedFolder] = []
+    top = os.stat(input_dir)
+    # (folder path, path relative to INPUT, identities of the folder and every folder above it)
+    stack = [(input_dir, "", (*_ancestor_ids(os.path.realpath(input_dir)), (top.st_dev, top.st_ino)))]
+    while stack:
+        folder, rel_folder, above = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise _fail(folder, f"cannot list this folder: {e.strerror or e}; fix its permissions "
+                                "(nothing in the input may be skipped)")
+        subfolders = []
+        for entry in entries:
+            rel = f"{rel_folder}{entry.name}"
+            if not rel_folder and entry.name in skip:
                 continue
-            path = Path(root) / f
+            path = Path(entry.path)
             try:
-                st = path.stat()
-            except OSError:
-                raise _fail(path, "is a broken symlink or unreadable; fix the download")
-            if not stat.S_ISREG(st.st_mode):
-                raise _fail(path, "is not a regular file (fifo, socket or device); remove it from the model folder")
-            found.append(OtherFile(rel, path, st.st_size, FileIdentity.of(st)))
-    return found
+                is_dir = entry.is_dir()
+                st = os.stat(path)
+            except OSError as e:
+                what = "is a broken symlink" if entry.is_symlink() else "cannot be read"
+                raise _fail(path, f"{what} ({e.strerror or e}); fix the download")
+            if not is_dir and not stat.S_ISREG(st.st_mode):
+                raise _fail(path, "is not a regular file (a fifo, socket or device); remove it from the "
+                                  "model folder or replace it with the real file")
+            if is_dir:
+                if not rel_folder and entry.name in EXCLUDED_DIRS:
+                    continue
+                if (st.st_dev, st.st_ino) in above:
+                    raise _fail(path, "leads back into a folder that contains it (a symlink or mount loop); "
+                                      "remove the link from the model folder")
+                if entry.is_symlink():
+                    links.append(LinkedFolder(rel, os.path.realpath(path)))
+                subfolders.append((path, rel + "/", (*above, (st.st_dev, st.st_ino))))
+                continue
+            fd = open_regular(path)
+            try:
+                os.read(fd, 1)          # readable, not only listed: else the copy fails mid-run
+            except OSError as e:
+                raise _fail(path, f"cannot read: {e.strerror or e}; fix its permissions or the download")
+            finally:
+                os.close(fd)
+            files.append(OtherFile(rel, path, st.st_size, FileIdentity.of(st)))
+        stack.extend(reversed(subfolders))
+    return files, links
+
+
+def list_other_files(input_dir: Path, skip: set[str]) -> list[OtherFile]:
+    """Every file below the folder except the converted ones (see `walk_input`)."""
+    return walk_input(input_dir, skip)[0]
 
 
 @dataclass
@@ -1006,6 +1233,8 @@ class Checkpoint:
     others: list[OtherFile]
     quant: QuantFormat | None = None    # None: DeepSeek-style fp8 at the top level (older records)
 
+    linked_dirs: list[LinkedFolder] = field(default_factory=list)   # symlinked subfolders followed
+
     @property
     def format(self) -> QuantFormat:
         return self.quant or QuantFormat("fp8", self.source_block, ((),))
@@ -1019,13 +1248,13 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     if not folder.is_dir():
         raise _fail(folder, "is not a folder; give the model folder that holds config.json")
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise _fail(folder, "has no config.json; give the Hugging Face model folder (the one with config.json "
                             "and the .safetensors shards)")
     config_text, config = _read_json_file(config_path, CONFIG_NAME)
     quant = read_quant_format(config, config_path)
     source = quant.block
-    names, index, index_path = find_shards(folder)
+    names, index_text, index = find_shards(folder)
     headers = [read_shard_header(folder / n, n) for n in names]
     if index is not None:
         held = {h.name: {t.name for t in h.tensors} for h in headers}
@@ -1035,9 +1264,9 @@ def read_checkpoint(folder: Path) -> Checkpoint:
                                         "the index does not match the shards")
     pairs, fp8 = pair_scales(headers, source, quant.scale_suffix)
     skip = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if index is not None else set())
-    index_text = index_path.read_text(encoding="utf-8") if index_path else None
+    others, linked = walk_input(folder, skip)
     return Checkpoint(folder, config_text, config, source, headers, index_text, index, pairs, fp8,
-                      list_other_files(folder, skip), quant=quant)
+                      others, quant=quant, linked_dirs=linked)
 
 
 def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Plan:
@@ -1064,7 +1293,7 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
     for s in shards:
         digest.update(f"{s.name}:{s.source_size}:".encode() + s.header)
     for f in ckpt.others:
-        digest.update(f"{f.relpath}:{f.size}".encode())
+        digest.update(os.fsencode(f"{f.relpath}:{f.size}"))    # the name's bytes, UTF-8 or not
     return Plan(ckpt.folder, output_dir, source, target, shards, config_text, index_text, ckpt.others,
                 ckpt.fp8_weights, digest.hexdigest(), ckpt.format.locations)
 
@@ -1823,16 +2052,36 @@ class OutputState:
     done_shards: set[str] = field(default_factory=set)
 
 
-def check_output_location(input_dir: Path, output_dir: Path) -> None:
-    """Refuse an output that is, contains, or lies inside the input, in any spelling."""
-    src = Path(os.path.realpath(input_dir))
-    dst = Path(os.path.realpath(output_dir))
-    if src == dst or (output_dir.exists() and os.path.samefile(input_dir, output_dir)):
+def _identity(path: Path | str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_output_location(input_dir: Path, output_dir: Path, linked_dirs: list[LinkedFolder] = ()) -> None:
+    """Refuse an output that is, contains, or lies inside the input, in any spelling, and one that a
+    symlinked subfolder of the input leads into (a re-run would read the half-written output).
+
+    Decided by identity (st_dev, st_ino) of OUTPUT and its existing ancestors, creating nothing:
+    a bind mount or any other alias of INPUT that realpath cannot see through is still INPUT.
+    """
+    src_real, dst_real = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    src, dst = _identity(input_dir), _identity(output_dir)
+    dst_and_above = _ancestor_ids(dst_real)
+    if src_real == dst_real or (dst is not None and dst == src):
         raise _fail(output_dir, "is the input folder; the input is never modified, choose another -o")
-    if src in dst.parents:
+    if src in dst_and_above:
         raise _fail(output_dir, f"is inside the input folder {input_dir}; choose a folder outside it")
-    if dst in src.parents:
+    if dst is not None and dst in _ancestor_ids(src_real):
         raise _fail(output_dir, f"contains the input folder {input_dir}; choose a new or empty folder")
+    for link in linked_dirs:
+        target = _identity(link.target)
+        if target in dst_and_above or (dst is not None and dst in _ancestor_ids(link.target)):
+            raise _fail(input_dir / link.relpath, f"is a symlink to {link.target}, which is, holds or lies inside "
+                                                  f"the output folder {output_dir}; remove the link or choose "
+                                                  "another -o")
 
 
 def inspect_output(plan: Plan, force: bool = False) -> OutputState:
@@ -2448,6 +2697,27 @@ class VerifyReport:
     files_equal: int = 0
     bytes_compared: int = 0
     problems: list[str] = field(default_factory=list)
+    reader: str = ""                # what read the output's headers back, for the summary line
+
+
+def safetensors_reader() -> tuple[Callable, str]:
+    """`safetensors.safe_open` and the library's version, or a one-line refusal.
+
+    --verify reads every output header with the library the engines use, so a bug shared by our
+    writer and our own header parser cannot pass it. Imported here: the converter never needs it.
+    """
+    try:
+        import numpy  # noqa: F401  (safe_open needs a framework; numpy is the light one)
+        import safetensors
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ConversionError(f"--verify reads the output back with the safetensors library, which cannot be "
+                              f"imported ({e}); run `pip install safetensors numpy` (or reinstall "
+                              "resize-block-size)")
+    if not hasattr(safe_open, "offset_keys"):
+        raise ConversionError(f"--verify needs safe_open.offset_keys, which safetensors {safetensors.__version__} "
+                              "lacks; run `pip install -U safetensors`")
+    return safe_open, f"safetensors {safetensors.__version__}"
 
 
 def first_difference(fd_a: int, off_a: int, fd_b: int, off_b: int, length: int,
@@ -2470,17 +2740,20 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
     """Check every output tensor and file against the input, without trusting the output's header
     layout: unchanged tensors byte-equal, scales equal to the replication of the source scale in the
     engine shape, config and index as planned, every other file byte-equal."""
-    report = VerifyReport()
+    safe_open, reader = safetensors_reader()
+    report = VerifyReport(reader=reader)
     out = plan.output_dir
+    in_input = _verify_listing(plan, report)
     total = (sum(p.src_end - p.src_begin for s in plan.shards for p in s.pieces)
              + sum(f.size for f in plan.other_files))
     bar = progress_bar(total, "verifying", quiet)
     update = bar.update if bar is not None else (lambda n: None)
     try:
         for shard in plan.shards:
-            _verify_shard(plan, shard, report, update)
+            _verify_shard(plan, shard, report, update, safe_open)
         for item in plan.other_files:
-            _verify_other_file(out, item, report, update)
+            if item.relpath in in_input:            # else already reported by the listing
+                _verify_other_file(out, item, report, update)
     finally:
         if bar is not None:
             bar.close()
@@ -2497,20 +2770,63 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
     return report
 
 
-def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: Callable[[int], None]) -> None:
+def _verify_listing(plan: Plan, report: VerifyReport) -> set[str]:
+    """Compare a fresh, complete listing of the input (not the plan's) with the output's, at every
+    depth; returns the input's files. Anything missing or extra is a problem."""
+    listings = []
+    for folder, what in ((plan.input_dir, "input"), (plan.output_dir, "output")):
+        try:
+            listings.append({f.relpath for f in walk_input(folder, set())[0]})
+        except ConversionError as e:
+            report.problems.append(f"cannot list the {what} completely: {e}")
+            listings.append(set())
+    in_input, in_output = listings
+    for rel in sorted(in_input - in_output):
+        report.problems.append(f"{rel}: in the input but missing from the output")
+    for rel in sorted(in_output - in_input):
+        report.problems.append(f"{rel}: in the output but not in the input")
+    return in_input
+
+
+def _library_layout(path: Path, safe_open: Callable) -> tuple[dict[str, str] | None, dict[str, TensorEntry]]:
+    """A shard's __metadata__ and tensors as the safetensors library reads them. The library
+    gives names, dtypes, shapes and the data order but no offsets; it also checks that the
+    tensors tile the data area without gap or overlap, so the offsets follow from the order."""
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+        names = f.offset_keys()
+        with open(path, "rb") as raw:
+            (header_len,) = struct.unpack("<Q", raw.read(8))
+        offset, tensors = 8 + header_len, {}
+        for name in names:
+            piece = f.get_slice(name)
+            dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
+            end = offset + tensor_nbytes(dtype, shape)
+            tensors[name] = TensorEntry(name, dtype, shape, offset, end)
+            offset = end
+    if offset != os.stat(path).st_size:
+        raise ValueError(f"tensor data ends at byte {offset} but the file has {os.stat(path).st_size} bytes")
+    return metadata, tensors
+
+
+def _verify_shard(plan: Plan, shard: ShardPlan, report: VerifyReport, on_bytes: Callable[[int], None],
+                  safe_open: Callable) -> None:
     path = plan.output_dir / shard.name
     if not path.is_file():
         report.problems.append(f"{shard.name}: missing from the output")
         return
     try:
-        header = read_shard_header(path, shard.name)
-    except ConversionError as e:
-        report.problems.append(str(e))
+        written_metadata, written = _library_layout(path, safe_open)
+    except Exception as e:          # the library's SafetensorError, an unknown dtype, ...
+        try:                        # our parser names the cause in the user's terms, if it sees one
+            read_shard_header(path, shard.name)
+            report.problems.append(f"{shard.name}: {report.reader} cannot read it: {e}")
+        except ConversionError as ours:
+            report.problems.append(f"{ours} ({report.reader}: {e})")
         return
     metadata = output_metadata(read_shard_header(shard.source, shard.name).metadata)
-    if header.metadata != metadata:
-        report.problems.append(f"{shard.name}: __metadata__ {header.metadata} differs from the input's {metadata}")
-    written = {t.name: t for t in header.tensors}
+    if written_metadata != metadata:
+        report.problems.append(f"{shard.name}: __metadata__ {written_metadata} differs from the input's {metadata}")
     if set(written) != {p.name for p in shard.pieces}:
         missing = sorted({p.name for p in shard.pieces} - set(written)) or sorted(set(written) - {p.name for p in shard.pieces})
         report.problems.append(f"{shard.name}: {missing[0]}: tensor names differ from the input shard")
@@ -2823,7 +3139,7 @@ def run_reading(args: argparse.Namespace, source: InputFolder, console: Console)
         return 0
     output_dir = Path(args.output) if args.output else default_output(source, target)
     console.result.update(output=str(output_dir), default_output=not args.output)
-    check_output_location(source.path, output_dir)
+    check_output_location(source.path, output_dir, ckpt.linked_dirs)
     plan = make_plan(ckpt, output_dir, target)
     check_going_back(plan)
     if args.dry_run:
@@ -2946,6 +3262,7 @@ def run_convert(args: argparse.Namespace, plan: Plan, advice: TPAdvice, console:
 def run_verify(args: argparse.Namespace, plan: Plan, advice: TPAdvice, console: Console) -> int:
     """Convert unless a finished output is there, then compare every byte of it with the input.
     A finished output is checked as it is and never "repaired" (only --force rewrites it)."""
+    safetensors_reader()                          # refuse before converting if it cannot run
     out = plan.output_dir
     finished = out.is_dir() and any(out.iterdir()) and not os.path.lexists(out / STATE_DIR)
     if args.force or not finished:
@@ -3242,7 +3559,7 @@ def report_verification(plan: Plan, report: VerifyReport, console: Console) -> i
     console.result["outcome"] = "verified"
     console.say(f"verified {plan.output_dir}: {report.tensors_equal} tensors byte-identical, "
                 f"{report.scales_replicated} scales exact replications, {report.files_equal} files equal "
-                f"({human_bytes(report.bytes_compared)} compared)", even_quiet=True)
+                f"({human_bytes(report.bytes_compared)} compared; headers read back with {report.reader})", even_quiet=True)
     return 0
 
 
@@ -3251,6 +3568,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _describe_os_error(e: OSError, default_output: bool = False) -> str:
+    return _os_error_text(e, default_output).replace("\n", " ").replace("\r", " ")   # one line, whatever the file name
+
+
+def _os_error_text(e: OSError, default_output: bool) -> str:
     where = e.filename or "output"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{where}: disk full; the partial file was removed. Free space and re-run the same command to resume"
