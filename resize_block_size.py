@@ -1958,7 +1958,7 @@ class EngineReport:
 
     @property
     def ok(self) -> bool:
-        return self.unsupported is None and not self.unchecked and all(k.ok for k in self.kinds)
+        return self.unsupported is None and bool(self.kinds) and not self.unchecked and all(k.ok for k in self.kinds)
 
 
 def import_engine(engine: str) -> str:
@@ -2049,12 +2049,6 @@ class _TensorReader:
             raw = resize_scale_bytes(raw, t.dtype, t.shape, shape, self.ckpt.source_block, self.resize)
         return torch.frombuffer(bytearray(raw), dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).reshape(shape)
 
-    def dequantized(self, weight: str):
-        """The weight as float32, dequantized with the checkpoint's own block and scale."""
-        return _dequantize(self.get(weight + ".weight"), self.get(weight + ".weight_scale_inv"),
-                           self.resize or self.ckpt.source_block)
-
-
 def _dequantize(q, scale, block: tuple[int, int]):
     """Block dequantization, float32: each element times its block's scale (edge blocks partial)."""
     n, k = q.shape[-2:]
@@ -2143,19 +2137,56 @@ def _pose_as(tp: int, rank: int, ep: bool) -> dict:
                 moe_tp_size=1 if ep else tp, moe_tp_rank=0 if ep else rank)
 
 
-def _compare_rank(module, twin, block: tuple[int, int]) -> str | None:
-    """None if every FP8 parameter of `module`, dequantized with its scale, equals the twin's
-    parameter (loaded by the same loaders from the dequantized reference) bit for bit."""
+def _coordinate(ref: _TensorReader, kind: LayerKind, name: str, what: str):
+    """A tensor the shape of checkpoint weight `name` whose every element says where it is: which of
+    the kind's weights ("source"), its row or its column. Expanded views: no memory until a loader
+    copies the rank's part out of them."""
     import torch
-    twin_params = dict(twin.named_parameters())
+    n, k = ref.where[name][1].shape
+    if what == "source":
+        return torch.tensor(float(kind.weights.index(name[: -len(".weight")]))).expand(n, k)
+    if what == "row":
+        return torch.arange(n, dtype=torch.float32)[:, None].expand(n, k)
+    return torch.arange(k, dtype=torch.float32)[None, :].expand(n, k)
+
+
+def _compare_rank(module, kind: LayerKind, config: dict, tp: int, ep: bool, rank: int, block: tuple[int, int],
+                  ref: _TensorReader, ref_tensor: Callable) -> str | None:
+    """None if every FP8 parameter the rank holds, dequantized with its scale, equals the reference
+    checkpoint's weight x scale at the same elements, bit for bit. Which elements a rank holds is
+    not computed here: unquantized twins of the module, loaded by the same SGLang loaders with
+    tensors of element coordinates (float32: exact below 2^24), say where each element came from."""
+    import torch
+    coords = {}
+    for what in ("source", "row", "col"):
+        twin = _sglang_module(kind, config, None, tp, ep)
+        _sglang_load(twin, kind, lambda n, what=what: _coordinate(ref, kind, n, what), rank, ep)
+        coords[what] = {name: p.data for name, p in twin.named_parameters()}
+    ref_block = ref.ckpt.source_block
+    qs = [ref_tensor(w + ".weight").view(torch.uint8) for w in kind.weights]   # bytes: index_select on float8 is not everywhere
+    scales = [ref_tensor(w + ".weight_scale_inv").float() for w in kind.weights]
     params = dict(module.named_parameters())
     for name, p in params.items():
         if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
             continue
         got = _dequantize(p.data, params[name + "_scale_inv"].data, block)
-        want = twin_params[name].data
-        if got.shape != want.shape or not torch.equal(got.view(torch.int32), want.float().view(torch.int32)):
-            return f"{name}: the rank's weight x scale differs from the input's slice"
+        source, rows, cols = (coords[what][name] for what in ("source", "row", "col"))
+        # Loaders copy whole rows and columns (narrow, cat): an element's source and row follow from
+        # its row, its column from its column. Checked here, then rows and columns are gathered at once.
+        if not (torch.equal(source, source[..., :1].expand_as(source)) and torch.equal(rows, rows[..., :1].expand_as(rows))
+                and torch.equal(cols, cols[..., :1, :].expand_as(cols))):
+            return f"{name}: the loader placed elements other than whole rows and columns; cannot compare"
+        want = torch.empty(got.shape)
+        for m in range(math.prod(got.shape[:-2])):      # each expert of a fused MoE parameter
+            out, src_rows = want.view(-1, *got.shape[-2:])[m], source.reshape(-1, *got.shape[-2:])[m, :, 0].long()
+            r = rows.reshape(-1, *got.shape[-2:])[m, :, 0].long()
+            c = cols.reshape(-1, *got.shape[-2:])[m, 0, :].long()
+            for i in src_rows.unique().tolist():
+                sel = (src_rows == i).nonzero().squeeze(1)
+                q = qs[i].index_select(0, r[sel]).index_select(1, c).view(p.dtype).float()
+                out[sel] = q * scales[i].index_select(0, r[sel] // ref_block[0]).index_select(1, c // ref_block[1])
+        if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            return f"{name}: the rank's weight x scale differs from the input's at the same elements"
     return None
 
 
@@ -2181,13 +2212,24 @@ def engine_check(ckpt: Checkpoint, tp: int, ep: bool, engine: str, *, what: str 
     quant_config = Fp8Config.from_config(qc)
     source = _TensorReader(ckpt, planned)
     ref = _TensorReader(reference or ckpt)
-    torch.set_grad_enabled(False)
     # The MoE layer reads serving options (get_exec()): give it a CPU server's defaults, in a
     # context of its own so that nothing process-wide changes.
-    with use_context(create_context(ServerArgs(model_path=str(ckpt.folder), device="cpu"), role="scheduler")):
+    context = create_context(ServerArgs(model_path=str(ckpt.folder), device="cpu"), role="scheduler")
+    with torch.no_grad(), use_context(context):
         for kind in kinds:
             report.kinds.append(_check_kind(kind, ckpt.config, quant_config, block, tp, ep, source, ref, get_parallel))
     return report
+
+
+def _cached(read: Callable) -> Callable:
+    """`read`, remembering each name's result."""
+    seen: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in seen:
+            seen[name] = read(name)
+        return seen[name]
+    return get
 
 
 def _check_kind(kind: LayerKind, config: dict, quant_config, block: tuple[int, int], tp: int, ep: bool,
@@ -2196,10 +2238,7 @@ def _check_kind(kind: LayerKind, config: dict, quant_config, block: tuple[int, i
     rank holds, dequantized, with the reference loaded by the same loaders into an unquantized twin."""
     result = KindResult(kind.kind, kind.prefix, tp)
     started = time.monotonic()
-    cache: dict[str, object] = {}
-    ref_cache: dict[str, object] = {}
-    tensor = lambda n: cache.setdefault(n, source.get(n))                                  # noqa: E731
-    ref_tensor = lambda n: ref_cache.setdefault(n, ref.dequantized(n[: -len(".weight")]))  # noqa: E731
+    tensor, ref_tensor = _cached(source.get), _cached(ref.get)   # each tensor read once per kind
     compare = sorted({0, 1, tp - 1})
     for rank in range(tp):
         with get_parallel().override(**_pose_as(tp, rank, ep)):
@@ -2213,10 +2252,8 @@ def _check_kind(kind: LayerKind, config: dict, quant_config, block: tuple[int, i
                 continue
             result.loaded += 1
             if rank in compare and result.mismatch is None:
-                twin = _sglang_module(kind, config, None, tp, ep)
-                _sglang_load(twin, kind, ref_tensor, rank, ep)
                 result.compared_ranks.append(rank)
-                problem = _compare_rank(module, twin, block)
+                problem = _compare_rank(module, kind, config, tp, ep, rank, block, ref, ref_tensor)
                 if problem:
                     result.mismatch = f"rank {rank}: {kind.prefix}: {problem}"
     result.seconds = time.monotonic() - started
