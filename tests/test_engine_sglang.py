@@ -89,8 +89,7 @@ V3 = dict(hidden=7168, intermediate=18432, moe_intermediate=2048, q_lora_rank=15
           rope_dim=64, nope_dim=128, v_dim=128, num_heads=128)
 DENSE_576 = "Weight output_partition_size = 576 is not divisible by weight quantization block_n = 128."
 KINDS = {"dense MLP", "fused q_a_proj + kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj", "o_proj",
-         "MTP routed experts", "MTP shared experts", "MTP fused q_a_proj + kv_a_proj_with_mqa", "MTP q_b_proj",
-         "MTP kv_b_proj", "MTP o_proj"}
+         "MTP routed experts", "MTP shared experts"}
 
 
 def _random_fp8(shape: tuple[int, ...], gen: torch.Generator, pool: list) -> torch.Tensor:
@@ -105,8 +104,9 @@ def _random_fp8(shape: tuple[int, ...], gen: torch.Generator, pool: list) -> tor
 
 
 def real_size_v3(folder: Path) -> Path:
-    """DeepSeek-V3 at real dims, one layer per kind: layer 0 dense, layer 1 the MTP layer (MoE with
-    two routed experts and the shared expert). F32 scales of random powers of two and fractions."""
+    """DeepSeek-V3 at real dims, one layer per kind: layer 0 dense with attention, layer 1 the MTP
+    layer's MoE (two routed experts and the shared expert; its attention, the same shapes as layer
+    0's, is left out to keep the test short: the tiny checkpoints cover MTP attention). F32 scales."""
     gen = torch.Generator().manual_seed(14)
     pool: list = []
     d = V3
@@ -133,7 +133,6 @@ def real_size_v3(folder: Path) -> Path:
     tensors["model.embed_tokens.weight"] = torch.zeros(16, d["hidden"], dtype=torch.bfloat16)
     attention("model.layers.0")
     mlp("model.layers.0.mlp", d["intermediate"])
-    attention("model.layers.1")
     for e in range(2):
         mlp(f"model.layers.1.mlp.experts.{e}", d["moe_intermediate"])
     mlp("model.layers.1.mlp.shared_experts", d["moe_intermediate"])
@@ -262,6 +261,19 @@ def test_engine_reports_a_rank_whose_scales_do_not_match_the_input(tmp_path):
     assert dense.mismatch and dense.mismatch.startswith("rank 0: model.layers.0.mlp: down_proj.weight")
     assert not report.ok
     assert all(k.ok for k in report.kinds if k.kind != "dense MLP")
+
+
+@needs_sglang
+def test_engine_with_ep_loads_each_routed_expert_whole_on_its_rank(tmp_path):
+    """Experts 64 wide in 32x32 blocks cannot split over TP8 (8 rows per rank); under EP each rank
+    holds whole experts, and SGLang's FusedMoE loads them (checked on the planned 32x32 output)."""
+    ckpt = rbs.read_checkpoint(deepseek(tmp_path / "DeepSeek-V3"))
+    tp = {k.kind: k for k in rbs.engine_check(ckpt, 8, False, "sglang", planned=(32, 32)).kinds}
+    ep = {k.kind: k for k in rbs.engine_check(ckpt, 8, True, "sglang", planned=(32, 32)).kinds}
+    assert tp["routed experts"].error.endswith(
+        "The output_size of gate's and up's weight = 8 is not divisible by weight quantization block_n = 32.")
+    for kind in ("routed experts", "MTP routed experts"):
+        assert ep[kind].ok and ep[kind].loaded == 8 and ep[kind].compared_ranks == [0, 1, 7]
 
 
 @needs_sglang
