@@ -1909,7 +1909,9 @@ def _verify_json(path: Path, expected_text: str, report: VerifyReport, what: str
 ENGINES = ("sglang",)
 # Architectures whose SGLang model code this section drives (config.json "architectures"). Kimi-K2
 # and DeepSeek-R1/V3.1 use DeepseekV3ForCausalLM.
-ENGINE_ARCHITECTURES = {"sglang": ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")}
+ENGINE_ARCHITECTURES = {"sglang": ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM",
+                                   "Qwen3ForCausalLM")}
+_QWEN3 = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
 ENGINE_INSTALL = {"sglang": "run it where SGLang serves the model, or install it (README, 'Engine check': "
                             "pip install --no-deps sglang==0.5.23 plus the packages listed there)"}
 _TORCH_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
@@ -1989,7 +1991,15 @@ def engine_layer_kinds(ckpt: Checkpoint) -> tuple[list[LayerKind], list[str]]:
     layers = ckpt.config.get("num_hidden_layers")
     weights = {p.weight.name[: -len(".weight")]: p.weight.shape for p in ckpt.pairs.values()
                if p.weight.name.endswith(".weight")}
-    patterns = (   # (module, kind, regex on the weight prefix, member weights relative to the prefix)
+    qwen3 = bool(set(ckpt.config.get("architectures") or ()) & set(_QWEN3))
+    patterns = ((   # Qwen3 / Qwen3-MoE (models/qwen3.py, qwen3_moe.py): q/k/v fused, the rest as DeepSeek's
+        ("qkv", "qkv_proj (q_proj + k_proj + v_proj)", r"(model\.layers\.(\d+)\.self_attn)\.q_proj",
+         ("q_proj", "k_proj", "v_proj")),
+        ("o_proj", "o_proj", r"(model\.layers\.(\d+)\.self_attn)\.o_proj", ("o_proj",)),
+        ("mlp", "dense MLP", r"(model\.layers\.(\d+)\.mlp)\.gate_proj", ("gate_proj", "up_proj", "down_proj")),
+        ("experts", "routed experts", r"(model\.layers\.(\d+)\.mlp\.experts)\.(\d+)\.gate_proj",
+         ("{e}.gate_proj", "{e}.up_proj", "{e}.down_proj")),
+    ) if qwen3 else (   # DeepSeek-V2/V3 (models/deepseek_v2.py)
         ("mlp", "dense MLP", r"(model\.layers\.(\d+)\.mlp)\.gate_proj", ("gate_proj", "up_proj", "down_proj")),
         ("shared", "shared experts", r"(model\.layers\.(\d+)\.mlp\.shared_experts)\.gate_proj",
          ("gate_proj", "up_proj", "down_proj")),
@@ -2002,7 +2012,7 @@ def engine_layer_kinds(ckpt: Checkpoint) -> tuple[list[LayerKind], list[str]]:
         ("q_b_proj", "q_b_proj", r"(model\.layers\.(\d+)\.self_attn)\.q_b_proj", ("q_b_proj",)),
         ("kv_b_proj", "kv_b_proj", r"(model\.layers\.(\d+)\.self_attn)\.kv_b_proj", ("kv_b_proj",)),
         ("o_proj", "o_proj", r"(model\.layers\.(\d+)\.self_attn)\.o_proj", ("o_proj",)),
-    )
+    ))
     kinds: dict[tuple, LayerKind] = {}
     covered: set[str] = set()
     for name in sorted(weights, key=_natural_key):
@@ -2064,6 +2074,8 @@ def _sglang_module(kind: LayerKind, config: dict, quant_config, tp: int, ep: boo
     from sglang.srt.models.deepseek_v2 import DeepseekV2MLP
     c = config
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    if set(c.get("architectures") or ()) & set(_QWEN3):
+        return _sglang_qwen3_module(kind, c, quant_config, tp, ep)
     qk_head = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     if kind.module == "mlp":            # DeepseekV2DecoderLayer.__init__, dense layers
         return DeepseekV2MLP(hidden, c["intermediate_size"], c.get("hidden_act", "silu"), quant_config=quant_config,
@@ -2095,6 +2107,32 @@ def _sglang_module(kind: LayerKind, config: dict, quant_config, tp: int, ep: boo
     raise AssertionError(kind.module)
 
 
+def _sglang_qwen3_module(kind: LayerKind, c: dict, quant_config, tp: int, ep: bool):
+    """The SGLang module for `kind` as models/qwen3_moe.py (Qwen3MoeAttention, Qwen3MoeSparseMoeBlock,
+    Qwen3MoeMLP = Qwen2MoeMLP) and models/qwen3.py (Qwen3MLP = Qwen2MLP) build it."""
+    from sglang.srt.layers.linear import QKVParallelLinear, RowParallelLinear
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.models.qwen2 import Qwen2MLP
+    from sglang.srt.models.qwen2_moe import Qwen2MoeMLP
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    bias = bool(c.get("attention_bias", False))
+    if kind.module == "qkv":
+        return QKVParallelLinear(hidden, head_dim, heads, c.get("num_key_value_heads") or heads, bias=bias,
+                                 quant_config=quant_config, parallel_group="attn_tp", prefix=kind.prefix + ".qkv_proj")
+    if kind.module == "o_proj":
+        return RowParallelLinear(heads * head_dim, hidden, bias=bias, quant_config=quant_config,
+                                 parallel_group="attn_tp", reduce_results=False, prefix=kind.prefix + ".o_proj")
+    if kind.module == "mlp":
+        mlp = Qwen2MoeMLP if "Qwen3MoeForCausalLM" in (c.get("architectures") or ()) else Qwen2MLP
+        return mlp(hidden, c["intermediate_size"], c.get("hidden_act", "silu"), quant_config=quant_config,
+                   reduce_results=False, prefix=kind.prefix)
+    if kind.module == "experts":
+        return FusedMoE(num_experts=tp if ep else 1, top_k=1, layer_id=0, hidden_size=hidden,
+                        intermediate_size=c["moe_intermediate_size"], quant_config=quant_config, prefix=kind.prefix)
+    raise AssertionError(kind.module)
+
+
 def _sglang_load(module, kind: LayerKind, tensor, rank: int, ep: bool) -> None:
     """Feed the module's own weight_loaders as DeepseekV2WeightLoaderMixin.do_load_weights
     (models/deepseek_common/deepseek_weight_loader.py) does: gate_proj -> gate_up_proj shard 0 and
@@ -2119,6 +2157,10 @@ def _sglang_load(module, kind: LayerKind, tensor, rank: int, ep: bool) -> None:
                 p = params[f"{param}_{suffix}"]
                 p.weight_loader(p, tensor(f"{name}.{suffix}"), f"{kind.prefix}.{param}_{suffix}",
                                 shard_id=shard, expert_id=expert)
+        elif kind.module == "qkv":      # Qwen3's load_weights: q_proj/k_proj/v_proj -> qkv_proj "q"/"k"/"v"
+            p = params[suffix]
+            for name, shard in zip(kind.weights, ("q", "k", "v")):
+                p.weight_loader(p, tensor(f"{name}.{suffix}"), shard)
         elif kind.module == "fused_qkv_a":
             import torch
             q_a, kv_a = kind.weights

@@ -278,11 +278,26 @@ def test_engine_with_ep_loads_each_routed_expert_whole_on_its_rank(tmp_path):
 
 @needs_sglang
 def test_engine_names_an_architecture_it_cannot_build_as_not_checked(tmp_path):
-    src = tc.write_checkpoint(tmp_path / "Qwen3", tc.qwen3_moe_tensors(), tc.qwen3_moe_config(), shards=1)
+    src = tc.write_checkpoint(tmp_path / "MiniMax-M2", tc.minimax_m2_tensors(), tc.minimax_m2_config(), shards=1)
     code, stdout = run_main(src, "--tp", 2, "--dry-run", "--engine", "sglang")
     assert code == 1
-    assert "NOT CHECKED: architecture Qwen3MoeForCausalLM is not one this check can build" in stdout
+    assert "NOT CHECKED: architecture MiniMaxM2ForCausalLM is not one this check can build" in stdout
     assert "every layer kind loads" not in stdout
+
+
+@needs_sglang
+def test_engine_builds_qwen3_moe_qkv_o_proj_and_experts_at_tp4(tmp_path):
+    """Qwen3-MoE (BF16 scales): q/k/v through QKVParallelLinear's own loader (2 KV heads over 4 ranks
+    are replicated by it), experts through FusedMoE; 128x128 fails at TP4, the planned 64x64 loads."""
+    dims = dict(num_heads=4, num_kv_heads=2, moe_intermediate=256)
+    ckpt = rbs.read_checkpoint(tc.write_checkpoint(tmp_path / "Qwen3-MoE", tc.qwen3_moe_tensors(**dims),
+                                                   tc.qwen3_moe_config(**dims), shards=2))
+    as_is = {k.kind: k for k in rbs.engine_check(ckpt, 4, False, "sglang").kinds}
+    planned = rbs.engine_check(ckpt, 4, False, "sglang", planned=(64, 64))
+    assert set(as_is) == {"qkv_proj (q_proj + k_proj + v_proj)", "o_proj", "routed experts"}
+    assert as_is["o_proj"].error.endswith(
+        "Weight input_size_per_partition = 64 is not divisible by weight quantization block_k = 128.")
+    assert planned.ok and all(k.loaded == 4 and k.compared_ranks == [0, 1, 3] for k in planned.kinds)
 
 
 def test_engine_without_sglang_is_one_line_and_writes_nothing(tmp_path):
@@ -306,3 +321,29 @@ def test_engine_needs_tp_and_verify_or_dry_run(tmp_path, args):
     result = run_tool(src, *args)
     assert result.returncode == 1
     assert result.stderr.startswith("resize-block-size: error: --engine checks at a tensor-parallel degree")
+
+
+@needs_sglang
+def test_dry_run_json_carries_both_engine_reports(tmp_path):
+    src = deepseek(tmp_path / "DeepSeek-V3")
+    code, stdout = run_main(src, "--tp", 2, "--dry-run", "--json", "--engine", "sglang")
+    info = json.loads(stdout)
+    assert code == 0
+    as_is, planned = info["engine_check"]
+    assert (as_is["what"], as_is["ok"], planned["what"], planned["ok"]) == (
+        "input as it is", False, "planned 32x32 output", True)
+    assert planned["tp"] == 2 and planned["block"] == [32, 32] and all(k["loaded"] == 2 for k in planned["kinds"])
+
+
+@needs_sglang
+def test_engine_fails_a_checkpoint_the_advisor_passes_at_tp1(tmp_path):
+    """Every split dim a multiple of 128, but q_lora_rank 64: the fused q_a + kv_a scale SGLang builds
+    has ceil(256/128) = 2 rows, the checkpoint's joined scales 1 + 2 = 3. The TP advisor (split rules
+    only) says TP1 needs no conversion; SGLang's own loader refuses it, and the run exits 1."""
+    src = deepseek(tmp_path / "DeepSeek-V3", hidden=128, intermediate=256, moe_intermediate=128, num_heads=2,
+                   q_lora_rank=64, kv_lora_rank=128, rope_dim=64, nope_dim=64, v_dim=64)
+    code, stdout = run_main(src, "--tp", 1, "--verify", "--engine", "sglang")
+    assert code == 1
+    assert "already load at TP1; nothing to convert" in stdout
+    assert "fused q_a_proj + kv_a_proj_with_mqa" in stdout and "AssertionError" in stdout
+    assert "input: does NOT load as a whole at TP1" in stdout
