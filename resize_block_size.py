@@ -2007,7 +2007,8 @@ def engine_layer_kinds(ckpt: Checkpoint) -> tuple[list[LayerKind], list[str]]:
          ("{e}.gate_proj", "{e}.up_proj", "{e}.down_proj")),
         ("fused_qkv_a", "fused q_a_proj + kv_a_proj_with_mqa", r"(model\.layers\.(\d+)\.self_attn)\.q_a_proj",
          ("q_a_proj", "kv_a_proj_with_mqa")),
-        ("kv_a", "kv_a_proj_with_mqa", r"(model\.layers\.(\d+)\.self_attn)\.kv_a_proj_with_mqa", ("kv_a_proj_with_mqa",)),
+        ("kv_a", "kv_a_proj_with_mqa", r"(model\.layers\.(\d+)\.self_attn)\.kv_a_proj_with_mqa",
+         ("kv_a_proj_with_mqa",)),
         ("q_proj", "q_proj", r"(model\.layers\.(\d+)\.self_attn)\.q_proj", ("q_proj",)),
         ("q_b_proj", "q_b_proj", r"(model\.layers\.(\d+)\.self_attn)\.q_b_proj", ("q_b_proj",)),
         ("kv_b_proj", "kv_b_proj", r"(model\.layers\.(\d+)\.self_attn)\.kv_b_proj", ("kv_b_proj",)),
@@ -2066,6 +2067,14 @@ def _dequantize(q, scale, block: tuple[int, int]):
     return q.float() * full[..., :n, :k]
 
 
+def _need(config: dict, key: str) -> int:
+    """A config.json number the layer needs; a missing one is the checkpoint's problem, not the engine's."""
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(CONFIG_NAME, f"{key} is {value!r}; the engine check needs it to build the layers")
+    return value
+
+
 def _sglang_module(kind: LayerKind, config: dict, quant_config, tp: int, ep: bool):
     """Build the SGLang module for `kind` as models/deepseek_v2.py does (SGLang 0.5.23), for the rank
     the caller's parallel override poses as. `quant_config` None builds the unquantized twin."""
@@ -2073,36 +2082,37 @@ def _sglang_module(kind: LayerKind, config: dict, quant_config, tp: int, ep: boo
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.models.deepseek_v2 import DeepseekV2MLP
     c = config
-    hidden, heads = c["hidden_size"], c["num_attention_heads"]
     if set(c.get("architectures") or ()) & set(_QWEN3):
         return _sglang_qwen3_module(kind, c, quant_config, tp, ep)
-    qk_head = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    hidden, act, q = _need(c, "hidden_size"), c.get("hidden_act", "silu"), quant_config
     if kind.module == "mlp":            # DeepseekV2DecoderLayer.__init__, dense layers
-        return DeepseekV2MLP(hidden, c["intermediate_size"], c.get("hidden_act", "silu"), quant_config=quant_config,
-                             prefix=kind.prefix, reduce_results=False, allow_fused_down=False, parallel_group="tp")
+        return DeepseekV2MLP(hidden, _need(c, "intermediate_size"), act, quant_config=q, prefix=kind.prefix,
+                             reduce_results=False, allow_fused_down=False, parallel_group="tp")
     if kind.module == "shared":         # DeepseekV2MoE.__init__, shared experts (TP, no DeepEP)
-        return DeepseekV2MLP(hidden, c["moe_intermediate_size"] * c["n_shared_experts"], c.get("hidden_act", "silu"),
-                             quant_config=quant_config, reduce_results=False, prefix=kind.prefix, parallel_group="tp")
+        inter = _need(c, "moe_intermediate_size") * _need(c, "n_shared_experts")
+        return DeepseekV2MLP(hidden, inter, act, quant_config=q, reduce_results=False, prefix=kind.prefix,
+                             parallel_group="tp")
     if kind.module == "experts":        # DeepseekV2MoE.__init__: get_moe_impl_class(...) is FusedMoE here.
         # One expert per rank under EP, one expert (split) under TP: the representative stands for all.
-        return FusedMoE(num_experts=tp if ep else 1, hidden_size=hidden, intermediate_size=c["moe_intermediate_size"],
-                        layer_id=0, top_k=1, quant_config=quant_config, prefix=kind.prefix)
+        return FusedMoE(num_experts=tp if ep else 1, hidden_size=hidden, layer_id=0, top_k=1, quant_config=q,
+                        intermediate_size=_need(c, "moe_intermediate_size"), prefix=kind.prefix)
+    heads, rope, kv_lora = _need(c, "num_attention_heads"), _need(c, "qk_rope_head_dim"), _need(c, "kv_lora_rank")
+    nope = _need(c, "qk_nope_head_dim")
     if kind.module == "fused_qkv_a":    # DeepseekV2AttentionMLA.__init__, q_lora_rank set
-        return ReplicatedLinear(hidden, c["q_lora_rank"] + c["kv_lora_rank"] + c["qk_rope_head_dim"], bias=False,
-                                quant_config=quant_config, prefix=kind.prefix + ".fused_qkv_a_proj_with_mqa")
+        return ReplicatedLinear(hidden, _need(c, "q_lora_rank") + kv_lora + rope, bias=False, quant_config=q,
+                                prefix=kind.prefix + ".fused_qkv_a_proj_with_mqa")
     if kind.module == "kv_a":           # q_lora_rank None
-        return ReplicatedLinear(hidden, c["kv_lora_rank"] + c["qk_rope_head_dim"], bias=False,
-                                quant_config=quant_config, prefix=kind.prefix + ".kv_a_proj_with_mqa")
+        return ReplicatedLinear(hidden, kv_lora + rope, bias=False, quant_config=q,
+                                prefix=kind.prefix + ".kv_a_proj_with_mqa")
     if kind.module in ("q_proj", "q_b_proj"):
-        return ColumnParallelLinear(hidden if kind.module == "q_proj" else c["q_lora_rank"], heads * qk_head,
-                                    bias=False, quant_config=quant_config, prefix=f"{kind.prefix}.{kind.module}",
-                                    parallel_group="attn_tp")
+        return ColumnParallelLinear(hidden if kind.module == "q_proj" else _need(c, "q_lora_rank"),
+                                    heads * (nope + rope), bias=False, quant_config=q,
+                                    prefix=f"{kind.prefix}.{kind.module}", parallel_group="attn_tp")
     if kind.module == "kv_b_proj":
-        return ColumnParallelLinear(c["kv_lora_rank"], heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), bias=False,
-                                    quant_config=quant_config, prefix=kind.prefix + ".kv_b_proj",
-                                    parallel_group="attn_tp")
+        return ColumnParallelLinear(kv_lora, heads * (nope + _need(c, "v_head_dim")), bias=False, quant_config=q,
+                                    prefix=kind.prefix + ".kv_b_proj", parallel_group="attn_tp")
     if kind.module == "o_proj":
-        return RowParallelLinear(heads * c["v_head_dim"], hidden, bias=False, quant_config=quant_config,
+        return RowParallelLinear(heads * _need(c, "v_head_dim"), hidden, bias=False, quant_config=q,
                                  reduce_results=False, prefix=kind.prefix + ".o_proj", parallel_group="attn_tp")
     raise AssertionError(kind.module)
 
@@ -2114,7 +2124,7 @@ def _sglang_qwen3_module(kind: LayerKind, c: dict, quant_config, tp: int, ep: bo
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.models.qwen2 import Qwen2MLP
     from sglang.srt.models.qwen2_moe import Qwen2MoeMLP
-    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    hidden, heads = _need(c, "hidden_size"), _need(c, "num_attention_heads")
     head_dim = c.get("head_dim") or hidden // heads
     bias = bool(c.get("attention_bias", False))
     if kind.module == "qkv":
@@ -2125,11 +2135,11 @@ def _sglang_qwen3_module(kind: LayerKind, c: dict, quant_config, tp: int, ep: bo
                                  parallel_group="attn_tp", reduce_results=False, prefix=kind.prefix + ".o_proj")
     if kind.module == "mlp":
         mlp = Qwen2MoeMLP if "Qwen3MoeForCausalLM" in (c.get("architectures") or ()) else Qwen2MLP
-        return mlp(hidden, c["intermediate_size"], c.get("hidden_act", "silu"), quant_config=quant_config,
+        return mlp(hidden, _need(c, "intermediate_size"), c.get("hidden_act", "silu"), quant_config=quant_config,
                    reduce_results=False, prefix=kind.prefix)
     if kind.module == "experts":
-        return FusedMoE(num_experts=tp if ep else 1, top_k=1, layer_id=0, hidden_size=hidden,
-                        intermediate_size=c["moe_intermediate_size"], quant_config=quant_config, prefix=kind.prefix)
+        return FusedMoE(num_experts=tp if ep else 1, top_k=1, layer_id=0, hidden_size=hidden, prefix=kind.prefix,
+                        intermediate_size=_need(c, "moe_intermediate_size"), quant_config=quant_config)
     raise AssertionError(kind.module)
 
 
@@ -2205,7 +2215,8 @@ def _compare_rank(module, kind: LayerKind, config: dict, tp: int, ep: bool, rank
         _sglang_load(twin, kind, lambda n, what=what: _coordinate(ref, kind, n, what), rank, ep)
         coords[what] = {name: p.data for name, p in twin.named_parameters()}
     ref_block = ref.ckpt.source_block
-    qs = [ref_tensor(w + ".weight").view(torch.uint8) for w in kind.weights]   # bytes: index_select on float8 is not everywhere
+    # As bytes: index_select is not implemented for float8 on every torch.
+    qs = [ref_tensor(w + ".weight").view(torch.uint8) for w in kind.weights]
     scales = [ref_tensor(w + ".weight_scale_inv").float() for w in kind.weights]
     params = dict(module.named_parameters())
     for name, p in params.items():
@@ -2215,7 +2226,8 @@ def _compare_rank(module, kind: LayerKind, config: dict, tp: int, ep: bool, rank
         source, rows, cols = (coords[what][name] for what in ("source", "row", "col"))
         # Loaders copy whole rows and columns (narrow, cat): an element's source and row follow from
         # its row, its column from its column. Checked here, then rows and columns are gathered at once.
-        if not (torch.equal(source, source[..., :1].expand_as(source)) and torch.equal(rows, rows[..., :1].expand_as(rows))
+        if not (torch.equal(source, source[..., :1].expand_as(source))
+                and torch.equal(rows, rows[..., :1].expand_as(rows))
                 and torch.equal(cols, cols[..., :1, :].expand_as(cols))):
             return f"{name}: the loader placed elements other than whole rows and columns; cannot compare"
         want = torch.empty(got.shape)
@@ -2287,6 +2299,8 @@ def _check_kind(kind: LayerKind, config: dict, quant_config, block: tuple[int, i
             try:
                 module = _sglang_module(kind, config, quant_config, tp, ep)
                 _sglang_load(module, kind, tensor, rank, ep)
+            except ConversionError:
+                raise
             except Exception as e:     # the engine's own refusal (any type), reported with its text
                 result.failed_ranks += 1
                 if result.error is None:
@@ -2406,7 +2420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tp N and --verify or --dry-run: load the output (or, with --dry-run, the input "
                         "as it is and the planned output) with the engine's own layers and weight loaders on "
                         "every one of the N ranks, on this CPU, and report each layer kind. Needs the engine "
-                        "installed. Supported: " + "; ".join(f"{e}: {', '.join(a)}" for e, a in ENGINE_ARCHITECTURES.items()))
+                        "installed. Supported: "
+                        + "; ".join(f"{e}: {', '.join(a)}" for e, a in ENGINE_ARCHITECTURES.items()))
     p.add_argument("--in-place", action="store_true",
                    help="convert INPUT itself, one shard at a time (extra disk: one shard); "
                         "--restore gives back the original files byte for byte")

@@ -347,3 +347,13 @@ def test_engine_fails_a_checkpoint_the_advisor_passes_at_tp1(tmp_path):
     assert "already load at TP1; nothing to convert" in stdout
     assert "fused q_a_proj + kv_a_proj_with_mqa" in stdout and "AssertionError" in stdout
     assert "input: does NOT load as a whole at TP1" in stdout
+
+
+@needs_sglang
+def test_engine_names_a_missing_config_number_as_the_checkpoints_problem(tmp_path):
+    src = deepseek(tmp_path / "DeepSeek-V3")
+    config = json.loads((src / "config.json").read_text())
+    del config["kv_lora_rank"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(rbs.ConversionError, match="config.json: kv_lora_rank is None; the engine check needs it"):
+        rbs.engine_check(rbs.read_checkpoint(src), 2, False, "sglang")
