@@ -2880,6 +2880,482 @@ def _verify_json(path: Path, expected_text: str, report: VerifyReport, what: str
 
 
 # ---------------------------------------------------------------------------------------------
+# Engine check: load the checkpoint with the serving engine's own layers, rank by rank, on the CPU
+# ---------------------------------------------------------------------------------------------
+# The TP advisor above restates the engines' split rules; a restatement can drift from the engine.
+# This section asks the engine: it builds SGLang's own layer classes the way its model file does,
+# poses as each TP rank (with no process group SGLang's linear.py partitions by a logical group of
+# that rank and size), and hands each parameter's own weight_loader the checkpoint's tensors. Nothing
+# here splits a tensor; the only checkpoint-name -> parameter mapping is the model file's own, cited
+# where it is used. torch and sglang are imported here only: no other mode pays for them.
+
+ENGINES = ("sglang",)
+# Architectures whose SGLang model code this section drives (config.json "architectures"). Kimi-K2
+# and DeepSeek-R1/V3.1 use DeepseekV3ForCausalLM.
+ENGINE_ARCHITECTURES = {"sglang": ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM",
+                                   "Qwen3ForCausalLM")}
+_QWEN3 = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
+ENGINE_INSTALL = {"sglang": "run it where SGLang serves the model, or install it (README, 'Engine check': "
+                            "pip install --no-deps sglang==0.5.23 plus the packages listed there)"}
+_TORCH_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                 "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass
+class LayerKind:
+    """One SGLang module to build for every rank, and the checkpoint FP8 weights it loads."""
+    kind: str                       # e.g. "dense MLP", "MTP routed experts"
+    prefix: str                     # checkpoint prefix of the representative, e.g. model.layers.0.mlp
+    module: str                     # which SGLang module: mlp, experts, fused_qkv_a, q_b_proj, ...
+    weights: tuple[str, ...]        # the representative's FP8 weight names
+
+
+@dataclass
+class KindResult:
+    kind: str
+    prefix: str
+    ranks: int
+    loaded: int = 0
+    error: str | None = None        # the engine's own text, with the tensor and the first failing rank
+    failed_ranks: int = 0
+    compared_ranks: list[int] = field(default_factory=list)
+    mismatch: str | None = None     # a rank whose weights do not dequantize to the input's slice
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.mismatch is None and self.loaded == self.ranks
+
+
+@dataclass
+class EngineReport:
+    engine: str
+    version: str
+    folder: str
+    what: str                       # "output", "input as it is", "planned 64x64 output"
+    block: tuple[int, int]
+    tp: int
+    ep: bool
+    architecture: str
+    unsupported: str | None = None
+    kinds: list[KindResult] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.unsupported is None and bool(self.kinds) and not self.unchecked and all(k.ok for k in self.kinds)
+
+
+def import_engine(engine: str) -> str:
+    """Import the engine's layers (lazily: only --engine pays this) and return its version; one
+    line naming the missing module and how to install when it is not importable."""
+    import importlib.metadata
+    import logging
+    import warnings
+    logging.getLogger("sglang").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sglang.srt.layers.linear  # noqa: F401
+            import sglang.srt.layers.moe.fused_moe_triton.layer  # noqa: F401
+            import sglang.srt.layers.quantization.fp8  # noqa: F401
+            import sglang.srt.models.deepseek_v2  # noqa: F401
+            from sglang.srt.runtime_context import get_parallel
+        get_parallel()
+        return importlib.metadata.version("sglang")
+    except Exception as e:        # any failure of the engine's import path means: cannot check
+        raise ConversionError(f"--engine {engine}: SGLang is not importable here ({type(e).__name__}: {e}); "
+                              f"{ENGINE_INSTALL[engine]}")
+
+
+def engine_layer_kinds(ckpt: Checkpoint) -> tuple[list[LayerKind], list[str]]:
+    """One representative per kind of FP8 layer (by name pattern and shapes), for the DeepSeek-V2/V3
+    model file; and the FP8 weights no kind covers (reported as not checked, never as passed)."""
+    layers = ckpt.config.get("num_hidden_layers")
+    weights = {p.weight.name[: -len(".weight")]: p.weight.shape for p in ckpt.pairs.values()
+               if p.weight.name.endswith(".weight")}
+    qwen3 = bool(set(ckpt.config.get("architectures") or ()) & set(_QWEN3))
+    patterns = ((   # Qwen3 / Qwen3-MoE (models/qwen3.py, qwen3_moe.py): q/k/v fused, the rest as DeepSeek's
+        ("qkv", "qkv_proj (q_proj + k_proj + v_proj)", r"(model\.layers\.(\d+)\.self_attn)\.q_proj",
+         ("q_proj", "k_proj", "v_proj")),
+        ("o_proj", "o_proj", r"(model\.layers\.(\d+)\.self_attn)\.o_proj", ("o_proj",)),
+        ("mlp", "dense MLP", r"(model\.layers\.(\d+)\.mlp)\.gate_proj", ("gate_proj", "up_proj", "down_proj")),
+        ("experts", "routed experts", r"(model\.layers\.(\d+)\.mlp\.experts)\.(\d+)\.gate_proj",
+         ("{e}.gate_proj", "{e}.up_proj", "{e}.down_proj")),
+    ) if qwen3 else (   # DeepSeek-V2/V3 (models/deepseek_v2.py)
+        ("mlp", "dense MLP", r"(model\.layers\.(\d+)\.mlp)\.gate_proj", ("gate_proj", "up_proj", "down_proj")),
+        ("shared", "shared experts", r"(model\.layers\.(\d+)\.mlp\.shared_experts)\.gate_proj",
+         ("gate_proj", "up_proj", "down_proj")),
+        ("experts", "routed experts", r"(model\.layers\.(\d+)\.mlp\.experts)\.(\d+)\.gate_proj",
+         ("{e}.gate_proj", "{e}.up_proj", "{e}.down_proj")),
+        ("fused_qkv_a", "fused q_a_proj + kv_a_proj_with_mqa", r"(model\.layers\.(\d+)\.self_attn)\.q_a_proj",
+         ("q_a_proj", "kv_a_proj_with_mqa")),
+        ("kv_a", "kv_a_proj_with_mqa", r"(model\.layers\.(\d+)\.self_attn)\.kv_a_proj_with_mqa",
+         ("kv_a_proj_with_mqa",)),
+        ("q_proj", "q_proj", r"(model\.layers\.(\d+)\.self_attn)\.q_proj", ("q_proj",)),
+        ("q_b_proj", "q_b_proj", r"(model\.layers\.(\d+)\.self_attn)\.q_b_proj", ("q_b_proj",)),
+        ("kv_b_proj", "kv_b_proj", r"(model\.layers\.(\d+)\.self_attn)\.kv_b_proj", ("kv_b_proj",)),
+        ("o_proj", "o_proj", r"(model\.layers\.(\d+)\.self_attn)\.o_proj", ("o_proj",)),
+    ))
+    kinds: dict[tuple, LayerKind] = {}
+    covered: set[str] = set()
+    for name in sorted(weights, key=_natural_key):
+        for module, kind, regex, members in patterns:
+            m = re.fullmatch(regex, name)
+            if not m or (module == "kv_a" and name.replace("kv_a_proj_with_mqa", "q_a_proj") in weights):
+                continue
+            expert = m.group(3) if module == "experts" else ""
+            names = tuple(f"{m.group(1)}.{w.format(e=expert)}" for w in members)
+            if not all(n in weights for n in names):
+                continue
+            covered.update(names)
+            mtp = isinstance(layers, int) and int(m.group(2)) >= layers
+            key = (module, mtp, tuple(weights[n] for n in names))
+            if key not in kinds:
+                label = f"MTP {kind}" if mtp else kind
+                kinds[key] = LayerKind(label, m.group(1) + (f".{expert}" if expert else ""), module, names)
+    unchecked = sorted(n + ".weight" for n in weights if n not in covered)
+    return list(kinds.values()), unchecked
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class _TensorReader:
+    """Reads a checkpoint's tensors (as torch tensors) by name; with `resize`, serves each scale as
+    the conversion to that block would write it (same function as the writer), so --dry-run can
+    check the planned output without writing it."""
+
+    def __init__(self, ckpt: Checkpoint, resize: tuple[int, int] | None = None):
+        self.ckpt, self.resize = ckpt, resize
+        self.where = {t.name: (h.path, t) for h in ckpt.headers for t in h.tensors}
+
+    def get(self, name: str):
+        import torch
+        path, t = self.where[name]
+        with open(path, "rb") as f:
+            raw = os.pread(f.fileno(), t.end - t.begin, t.begin)
+        shape = t.shape
+        if self.resize and name in self.ckpt.pairs and self.resize != self.ckpt.source_block:
+            weight = self.ckpt.pairs[name].weight
+            shape = scale_shape(weight.shape, self.resize)
+            raw = resize_scale_bytes(raw, t.dtype, t.shape, shape, self.ckpt.source_block, self.resize)
+        return torch.frombuffer(bytearray(raw), dtype=getattr(torch, _TORCH_DTYPES[t.dtype])).reshape(shape)
+
+def _dequantize(q, scale, block: tuple[int, int]):
+    """Block dequantization, float32: each element times its block's scale (edge blocks partial)."""
+    n, k = q.shape[-2:]
+    full = scale.float().repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    return q.float() * full[..., :n, :k]
+
+
+def _need(config: dict, key: str) -> int:
+    """A config.json number the layer needs; a missing one is the checkpoint's problem, not the engine's."""
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(CONFIG_NAME, f"{key} is {value!r}; the engine check needs it to build the layers")
+    return value
+
+
+def _sglang_module(kind: LayerKind, config: dict, quant_config, tp: int, ep: bool):
+    """Build the SGLang module for `kind` as models/deepseek_v2.py does (SGLang 0.5.23), for the rank
+    the caller's parallel override poses as. `quant_config` None builds the unquantized twin."""
+    from sglang.srt.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.models.deepseek_v2 import DeepseekV2MLP
+    c = config
+    if set(c.get("architectures") or ()) & set(_QWEN3):
+        return _sglang_qwen3_module(kind, c, quant_config, tp, ep)
+    hidden, act, q = _need(c, "hidden_size"), c.get("hidden_act", "silu"), quant_config
+    if kind.module == "mlp":            # DeepseekV2DecoderLayer.__init__, dense layers
+        return DeepseekV2MLP(hidden, _need(c, "intermediate_size"), act, quant_config=q, prefix=kind.prefix,
+                             reduce_results=False, allow_fused_down=False, parallel_group="tp")
+    if kind.module == "shared":         # DeepseekV2MoE.__init__, shared experts (TP, no DeepEP)
+        inter = _need(c, "moe_intermediate_size") * _need(c, "n_shared_experts")
+        return DeepseekV2MLP(hidden, inter, act, quant_config=q, reduce_results=False, prefix=kind.prefix,
+                             parallel_group="tp")
+    if kind.module == "experts":        # DeepseekV2MoE.__init__: get_moe_impl_class(...) is FusedMoE here.
+        # One expert per rank under EP, one expert (split) under TP: the representative stands for all.
+        return FusedMoE(num_experts=tp if ep else 1, hidden_size=hidden, layer_id=0, top_k=1, quant_config=q,
+                        intermediate_size=_need(c, "moe_intermediate_size"), prefix=kind.prefix)
+    heads, rope, kv_lora = _need(c, "num_attention_heads"), _need(c, "qk_rope_head_dim"), _need(c, "kv_lora_rank")
+    nope = _need(c, "qk_nope_head_dim")
+    if kind.module == "fused_qkv_a":    # DeepseekV2AttentionMLA.__init__, q_lora_rank set
+        return ReplicatedLinear(hidden, _need(c, "q_lora_rank") + kv_lora + rope, bias=False, quant_config=q,
+                                prefix=kind.prefix + ".fused_qkv_a_proj_with_mqa")
+    if kind.module == "kv_a":           # q_lora_rank None
+        return ReplicatedLinear(hidden, kv_lora + rope, bias=False, quant_config=q,
+                                prefix=kind.prefix + ".kv_a_proj_with_mqa")
+    if kind.module in ("q_proj", "q_b_proj"):
+        return ColumnParallelLinear(hidden if kind.module == "q_proj" else _need(c, "q_lora_rank"),
+                                    heads * (nope + rope), bias=False, quant_config=q,
+                                    prefix=f"{kind.prefix}.{kind.module}", parallel_group="attn_tp")
+    if kind.module == "kv_b_proj":
+        return ColumnParallelLinear(kv_lora, heads * (nope + _need(c, "v_head_dim")), bias=False, quant_config=q,
+                                    prefix=kind.prefix + ".kv_b_proj", parallel_group="attn_tp")
+    if kind.module == "o_proj":
+        return RowParallelLinear(heads * _need(c, "v_head_dim"), hidden, bias=False, quant_config=q,
+                                 reduce_results=False, prefix=kind.prefix + ".o_proj", parallel_group="attn_tp")
+    raise AssertionError(kind.module)
+
+
+def _sglang_qwen3_module(kind: LayerKind, c: dict, quant_config, tp: int, ep: bool):
+    """The SGLang module for `kind` as models/qwen3_moe.py (Qwen3MoeAttention, Qwen3MoeSparseMoeBlock,
+    Qwen3MoeMLP = Qwen2MoeMLP) and models/qwen3.py (Qwen3MLP = Qwen2MLP) build it."""
+    from sglang.srt.layers.linear import QKVParallelLinear, RowParallelLinear
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.models.qwen2 import Qwen2MLP
+    from sglang.srt.models.qwen2_moe import Qwen2MoeMLP
+    hidden, heads = _need(c, "hidden_size"), _need(c, "num_attention_heads")
+    head_dim = c.get("head_dim") or hidden // heads
+    bias = bool(c.get("attention_bias", False))
+    if kind.module == "qkv":
+        return QKVParallelLinear(hidden, head_dim, heads, c.get("num_key_value_heads") or heads, bias=bias,
+                                 quant_config=quant_config, parallel_group="attn_tp", prefix=kind.prefix + ".qkv_proj")
+    if kind.module == "o_proj":
+        return RowParallelLinear(heads * head_dim, hidden, bias=bias, quant_config=quant_config,
+                                 parallel_group="attn_tp", reduce_results=False, prefix=kind.prefix + ".o_proj")
+    if kind.module == "mlp":
+        mlp = Qwen2MoeMLP if "Qwen3MoeForCausalLM" in (c.get("architectures") or ()) else Qwen2MLP
+        return mlp(hidden, _need(c, "intermediate_size"), c.get("hidden_act", "silu"), quant_config=quant_config,
+                   reduce_results=False, prefix=kind.prefix)
+    if kind.module == "experts":
+        return FusedMoE(num_experts=tp if ep else 1, top_k=1, layer_id=0, hidden_size=hidden, prefix=kind.prefix,
+                        intermediate_size=_need(c, "moe_intermediate_size"), quant_config=quant_config)
+    raise AssertionError(kind.module)
+
+
+def _sglang_load(module, kind: LayerKind, tensor, rank: int, ep: bool) -> None:
+    """Feed the module's own weight_loaders as DeepseekV2WeightLoaderMixin.do_load_weights
+    (models/deepseek_common/deepseek_weight_loader.py) does: gate_proj -> gate_up_proj shard 0 and
+    up_proj -> shard 1 (its stacked_params_mapping); experts through FusedMoE's loader with shard
+    w1/w3/w2 (FusedMoE.make_expert_params_mapping); q_a_proj and kv_a_proj_with_mqa joined along
+    dim 0 into fused_qkv_a_proj_with_mqa (its cached_a_proj); everything else as it is.
+    `tensor(name)` returns the checkpoint tensor (weight or scale) of that name."""
+    params = dict(module.named_parameters())
+    for suffix in ("weight", "weight_scale_inv"):
+        if suffix not in params and f"w13_{suffix}" not in params and f"gate_up_proj.{suffix}" not in params:
+            continue                   # the unquantized twin has no scales
+        if kind.module in ("mlp", "shared"):
+            gate, up, down = kind.weights
+            p = params[f"gate_up_proj.{suffix}"]
+            p.weight_loader(p, tensor(f"{gate}.{suffix}"), 0)
+            p.weight_loader(p, tensor(f"{up}.{suffix}"), 1)
+            p = params[f"down_proj.{suffix}"]
+            p.weight_loader(p, tensor(f"{down}.{suffix}"))
+        elif kind.module == "experts":
+            expert = rank if ep else 0
+            for name, shard, param in zip(kind.weights, ("w1", "w3", "w2"), ("w13", "w13", "w2")):
+                p = params[f"{param}_{suffix}"]
+                p.weight_loader(p, tensor(f"{name}.{suffix}"), f"{kind.prefix}.{param}_{suffix}",
+                                shard_id=shard, expert_id=expert)
+        elif kind.module == "qkv":      # Qwen3's load_weights: q_proj/k_proj/v_proj -> qkv_proj "q"/"k"/"v"
+            p = params[suffix]
+            for name, shard in zip(kind.weights, ("q", "k", "v")):
+                p.weight_loader(p, tensor(f"{name}.{suffix}"), shard)
+        elif kind.module == "fused_qkv_a":
+            import torch
+            q_a, kv_a = kind.weights
+            p = params[suffix]
+            p.weight_loader(p, torch.cat([tensor(f"{q_a}.{suffix}"), tensor(f"{kv_a}.{suffix}")], dim=0))
+        else:
+            p = params[suffix]
+            p.weight_loader(p, tensor(f"{kind.weights[0]}.{suffix}"))
+
+
+def _pose_as(tp: int, rank: int, ep: bool) -> dict:
+    """The SGLang parallel values of TP rank `rank` of `tp` (attention TP = TP, no DP attention);
+    with EP the experts are placed one group per rank instead of split."""
+    return dict(tp_size=tp, tp_rank=rank, tp_group=None, attn_tp_size=tp, attn_tp_rank=rank, attn_tp_group=None,
+                moe_ep_size=tp if ep else 1, moe_ep_rank=rank if ep else 0,
+                moe_tp_size=1 if ep else tp, moe_tp_rank=0 if ep else rank)
+
+
+def _coordinate(ref: _TensorReader, kind: LayerKind, name: str, what: str):
+    """A tensor the shape of checkpoint weight `name` whose every element says where it is: which of
+    the kind's weights ("source"), its row or its column. Expanded views: no memory until a loader
+    copies the rank's part out of them."""
+    import torch
+    n, k = ref.where[name][1].shape
+    if what == "source":
+        return torch.tensor(float(kind.weights.index(name[: -len(".weight")]))).expand(n, k)
+    if what == "row":
+        return torch.arange(n, dtype=torch.float32)[:, None].expand(n, k)
+    return torch.arange(k, dtype=torch.float32)[None, :].expand(n, k)
+
+
+def _compare_rank(module, kind: LayerKind, config: dict, tp: int, ep: bool, rank: int, block: tuple[int, int],
+                  ref: _TensorReader, ref_tensor: Callable) -> str | None:
+    """None if every FP8 parameter the rank holds, dequantized with its scale, equals the reference
+    checkpoint's weight x scale at the same elements, bit for bit. Which elements a rank holds is
+    not computed here: unquantized twins of the module, loaded by the same SGLang loaders with
+    tensors of element coordinates (float32: exact below 2^24), say where each element came from."""
+    import torch
+    coords = {}
+    for what in ("source", "row", "col"):
+        twin = _sglang_module(kind, config, None, tp, ep)
+        _sglang_load(twin, kind, lambda n, what=what: _coordinate(ref, kind, n, what), rank, ep)
+        coords[what] = {name: p.data for name, p in twin.named_parameters()}
+    ref_block = ref.ckpt.source_block
+    # As bytes: index_select is not implemented for float8 on every torch.
+    qs = [ref_tensor(w + ".weight").view(torch.uint8) for w in kind.weights]
+    scales = [ref_tensor(w + ".weight_scale_inv").float() for w in kind.weights]
+    params = dict(module.named_parameters())
+    for name, p in params.items():
+        if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            continue
+        got = _dequantize(p.data, params[name + "_scale_inv"].data, block)
+        source, rows, cols = (coords[what][name] for what in ("source", "row", "col"))
+        # Loaders copy whole rows and columns (narrow, cat): an element's source and row follow from
+        # its row, its column from its column. Checked here, then rows and columns are gathered at once.
+        if not (torch.equal(source, source[..., :1].expand_as(source))
+                and torch.equal(rows, rows[..., :1].expand_as(rows))
+                and torch.equal(cols, cols[..., :1, :].expand_as(cols))):
+            return f"{name}: the loader placed elements other than whole rows and columns; cannot compare"
+        want = torch.empty(got.shape)
+        for m in range(math.prod(got.shape[:-2])):      # each expert of a fused MoE parameter
+            out, src_rows = want.view(-1, *got.shape[-2:])[m], source.reshape(-1, *got.shape[-2:])[m, :, 0].long()
+            r = rows.reshape(-1, *got.shape[-2:])[m, :, 0].long()
+            c = cols.reshape(-1, *got.shape[-2:])[m, 0, :].long()
+            for i in src_rows.unique().tolist():
+                sel = (src_rows == i).nonzero().squeeze(1)
+                q = qs[i].index_select(0, r[sel]).index_select(1, c).view(p.dtype).float()
+                out[sel] = q * scales[i].index_select(0, r[sel] // ref_block[0]).index_select(1, c // ref_block[1])
+        if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            return f"{name}: the rank's weight x scale differs from the input's at the same elements"
+    return None
+
+
+def engine_check(ckpt: Checkpoint, tp: int, ep: bool, engine: str, *, what: str = "output",
+                 reference: Checkpoint | None = None, planned: tuple[int, int] | None = None) -> EngineReport:
+    """Load `ckpt` (or, with `planned`, the conversion of it to that block) with the engine's own
+    layers and loaders on every rank of TP `tp`, and compare what a few ranks hold, dequantized,
+    with the dequantized `reference` (default: the checkpoint itself) sliced by the same loaders."""
+    import torch
+    version = import_engine(engine)
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang.srt.runtime_context import create_context, get_parallel, use_context
+    from sglang.srt.server_args import ServerArgs
+    block = planned or ckpt.source_block
+    arch = ", ".join(ckpt.config.get("architectures") or ["(none in config.json)"])
+    report = EngineReport(engine, version, str(ckpt.folder), what, block, tp, ep, arch)
+    if not set(ckpt.config.get("architectures") or ()) & set(ENGINE_ARCHITECTURES[engine]):
+        report.unsupported = (f"architecture {arch} is not one this check can build with {engine} "
+                              f"(supported: {', '.join(ENGINE_ARCHITECTURES[engine])}); nothing was checked")
+        return report
+    kinds, report.unchecked = engine_layer_kinds(ckpt)
+    qc = dict(ckpt.config["quantization_config"], weight_block_size=list(block))
+    quant_config = Fp8Config.from_config(qc)
+    source = _TensorReader(ckpt, planned)
+    ref = _TensorReader(reference or ckpt)
+    # The MoE layer reads serving options (get_exec()): give it a CPU server's defaults, in a
+    # context of its own so that nothing process-wide changes.
+    context = create_context(ServerArgs(model_path=str(ckpt.folder), device="cpu"), role="scheduler")
+    with torch.no_grad(), use_context(context):
+        for kind in kinds:
+            report.kinds.append(_check_kind(kind, ckpt.config, quant_config, block, tp, ep, source, ref, get_parallel))
+    return report
+
+
+def _cached(read: Callable) -> Callable:
+    """`read`, remembering each name's result."""
+    seen: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in seen:
+            seen[name] = read(name)
+        return seen[name]
+    return get
+
+
+def _check_kind(kind: LayerKind, config: dict, quant_config, block: tuple[int, int], tp: int, ep: bool,
+                source: _TensorReader, ref: _TensorReader, get_parallel) -> KindResult:
+    """Build and load one layer kind on every rank; on ranks 0, 1 and the last, compare what the
+    rank holds, dequantized, with the reference loaded by the same loaders into an unquantized twin."""
+    result = KindResult(kind.kind, kind.prefix, tp)
+    started = time.monotonic()
+    tensor, ref_tensor = _cached(source.get), _cached(ref.get)   # each tensor read once per kind
+    compare = sorted({0, 1, tp - 1})
+    for rank in range(tp):
+        with get_parallel().override(**_pose_as(tp, rank, ep)):
+            try:
+                module = _sglang_module(kind, config, quant_config, tp, ep)
+                _sglang_load(module, kind, tensor, rank, ep)
+            except ConversionError:
+                raise
+            except Exception as e:     # the engine's own refusal (any type), reported with its text
+                result.failed_ranks += 1
+                if result.error is None:
+                    result.error = f"{kind.weights[0]}.weight: rank {rank}: {type(e).__name__}: {e}".rstrip(": ")
+                continue
+            result.loaded += 1
+            if rank in compare and result.mismatch is None:
+                result.compared_ranks.append(rank)
+                problem = _compare_rank(module, kind, config, tp, ep, rank, block, ref, ref_tensor)
+                if problem:
+                    result.mismatch = f"rank {rank}: {kind.prefix}: {problem}"
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def print_engine_report(report: EngineReport) -> None:
+    """Per layer kind: loads on N/N ranks (and the ranks compared bit for bit), or the engine's error."""
+    mode = f"TP{report.tp}" + (" with EP" if report.ep else "")
+    print(f"engine check: {report.engine} {report.version}, {mode}, {report.what} "
+          f"({block_name(report.block)} blocks, {report.architecture}): {report.folder}")
+    if report.unsupported:
+        print(f"  NOT CHECKED: {report.unsupported}")
+        return
+    width = max([len(k.kind) for k in report.kinds] + [10])
+    for k in report.kinds:
+        if k.error:
+            status = f"FAILS on {k.failed_ranks}/{k.ranks} ranks: {k.error}"
+        else:
+            status = f"loads on {k.loaded}/{k.ranks} ranks"
+            if k.mismatch:
+                status += f"; DEQUANTIZES DIFFERENTLY: {k.mismatch}"
+            elif k.compared_ranks:
+                status += f", dequantizes bit-identically to the input on ranks {', '.join(map(str, k.compared_ranks))}"
+        print(f"  {k.kind:<{width}}  {k.prefix}: {status} ({k.seconds:.1f} s)")
+    if report.unchecked:
+        print(f"  NOT CHECKED (no {report.engine} layer built for them): {', '.join(report.unchecked[:5])}"
+              + (f" and {len(report.unchecked) - 5} more" if len(report.unchecked) > 5 else ""))
+    verdict = "every layer kind loads" if report.ok else "does NOT load as a whole"
+    print(f"  {report.what}: {verdict} at {mode} with {report.engine} {report.version}")
+
+
+def engine_reports(args: argparse.Namespace, ckpt: Checkpoint, plan: Plan | None) -> list[EngineReport]:
+    """The --engine step of a run: with no plan (the input already works at --tp) check the input;
+    with --dry-run check the input as it is and then the planned output (scales resized in memory,
+    nothing written); with --verify check the written output against the input."""
+    if plan is None:
+        return [engine_check(ckpt, args.tp, args.ep, args.engine, what="input")]
+    if args.dry_run:
+        return [engine_check(ckpt, args.tp, args.ep, args.engine, what="input as it is"),
+                engine_check(ckpt, args.tp, args.ep, args.engine, planned=plan.target_block,
+                             what=f"planned {block_name(plan.target_block)} output")]
+    return [engine_check(read_checkpoint(plan.output_dir), args.tp, args.ep, args.engine, reference=ckpt)]
+
+
+def run_engine_check(args: argparse.Namespace, ckpt: Checkpoint, plan: Plan | None, console: Console) -> int:
+    """--engine: the reports go into the JSON result, or are printed."""
+    reports = engine_reports(args, ckpt, plan)
+    console.result["engine_check"] = [dataclasses.asdict(r) | {"ok": r.ok} for r in reports]
+    return report_engine(reports, printed=console.as_json)
+
+
+def report_engine(reports: list[EngineReport], printed: bool = False) -> int:
+    """Print the reports (unless already printed as JSON); exit code 1 if the last one (what the
+    run produced or plans to produce) does not load on every rank. The input as it is failing
+    under --dry-run is what the conversion is for, not an error."""
+    if not printed:
+        for report in reports:
+            print_engine_report(report)
+    return 0 if reports and reports[-1].ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -3025,6 +3501,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the result of any mode (plan, summary, verify report, error) as one JSON object")
     p.add_argument("--verify", action="store_true",
                    help="convert if needed, then compare every output tensor and file with the input")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="with --tp N and --verify or --dry-run: load the output (or, with --dry-run, the input "
+                        "as it is and the planned output) with the engine's own layers and weight loaders on "
+                        "every one of the N ranks, on this CPU, and report each layer kind. Needs the engine "
+                        "installed. Supported: "
+                        + "; ".join(f"{e}: {', '.join(a)}" for e, a in ENGINE_ARCHITECTURES.items()))
     p.add_argument("--in-place", action="store_true",
                    help="convert INPUT itself, one shard at a time (extra disk: one shard); "
                         "--restore gives back the original files byte for byte")
@@ -3117,6 +3599,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """The command: find INPUT, then one function per mode (restore, in place, dry run, verify,
     convert), each of which plans and then writes or reports."""
     check_flags(args)
+    if args.engine:
+        import_engine(args.engine)                # before anything is read or written
     source = resolve_input(args.input)
     console.result.update(input=str(source.path), repo=source.repo)
     if args.restore:
@@ -3136,16 +3620,18 @@ def run_reading(args: argparse.Namespace, source: InputFolder, console: Console)
     advice = advise_tp(ckpt)
     target = pick_target(args, ckpt, advice, console)
     if target is None:
-        return 0
+        return run_engine_check(args, ckpt, None, console) if args.engine else 0
     output_dir = Path(args.output) if args.output else default_output(source, target)
     console.result.update(output=str(output_dir), default_output=not args.output)
     check_output_location(source.path, output_dir, ckpt.linked_dirs)
     plan = make_plan(ckpt, output_dir, target)
     check_going_back(plan)
     if args.dry_run:
-        return run_dry_run(args, plan, advice, console)
+        code = run_dry_run(args, plan, advice, console)
+        return max(code, run_engine_check(args, ckpt, plan, console)) if args.engine else code
     if args.verify:
-        return run_verify(args, plan, advice, console)
+        code = run_verify(args, plan, advice, console)
+        return max(code, run_engine_check(args, ckpt, plan, console)) if args.engine else code
     return run_convert(args, plan, advice, console)
 
 
@@ -3167,6 +3653,9 @@ def check_flags(args: argparse.Namespace) -> None:
                          "the files an --in-place run replaced")
     if args.in_place and args.output:
         raise UsageError("--in-place converts INPUT itself; it takes no -o")
+    if args.engine and (args.tp is None or not (args.verify or args.dry_run) or args.in_place):
+        raise UsageError("--engine checks at a tensor-parallel degree: give --tp N and --verify or --dry-run "
+                         "(not --in-place)")
     if args.in_place and args.verify:
         raise UsageError("--verify compares the output with the input, which --in-place replaces; "
                          "convert to a separate folder to verify, or use --restore to undo")
