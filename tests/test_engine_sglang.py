@@ -319,7 +319,7 @@ def test_engine_without_sglang_is_one_line_and_writes_nothing(tmp_path):
 def test_engine_needs_tp_and_verify_or_dry_run(tmp_path, args):
     src = deepseek(tmp_path / "DeepSeek-V3")
     result = run_tool(src, *args)
-    assert result.returncode == 1
+    assert result.returncode == 2                  # a usage error (exit-code policy)
     assert result.stderr.startswith("resize-block-size: error: --engine checks at a tensor-parallel degree")
 
 
