@@ -217,9 +217,10 @@ def test_in_place_and_restore_are_refused_while_a_conversion_reads_the_input(mod
 
 
 def test_in_place_and_a_conversion_of_the_same_input_run_at_once_never_mix(reference, tmp_path):
-    """Both at once, several times: the conversion either writes exactly the reference output or
-    is refused in one line; the in-place run either converts the folder or is refused. (A refusal
-    may also come from validating a folder read half-converted, before any lock is taken.)"""
+    """Both at once, several times: the conversion either writes exactly the reference output,
+    or is refused in one line, or (the in-place run having finished first) finds a 64x64 input and
+    writes nothing; the in-place run either converts the folder or is refused. (A refusal may also
+    come from validating a folder read half-converted, before any lock is taken.)"""
     model, expected_out = reference
     expected = tensors_of(expected_out)
     for i in range(4):
@@ -233,7 +234,12 @@ def test_in_place_and_a_conversion_of_the_same_input_run_at_once_never_mix(refer
             if r.returncode != 0:
                 one_line_error(r)
         conversion = results[1 if i % 2 == 0 else 0]
-        if conversion.returncode == 0:
+        in_place = results[0 if i % 2 == 0 else 1]
+        if conversion.returncode == 0 and not (work / "out").exists():     # nothing left to convert
+            assert in_place.returncode == 0, show(in_place)
+            assert json.loads((work / "model" / "config.json").read_text())["quantization_config"][
+                "weight_block_size"] == [64, 64]
+        elif conversion.returncode == 0:
             assert tensors_of(work / "out") == expected
             assert json.loads((work / "out" / "config.json").read_text()) == \
                 json.loads((expected_out / "config.json").read_text())
