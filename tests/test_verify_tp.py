@@ -7,24 +7,19 @@ from the published dims in the comments next to them, not computed with the modu
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import dequantized, deepseek, load_all, run_tool, snapshot, tc
+from conftest import cli, dequantized, deepseek, load_all, snapshot, tc
 
-import resize_block_size as rbs
 
 BLOCK_RE = re.compile(r"-Block\d+x\d+$")
 
@@ -81,27 +76,6 @@ def read_header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
             for k, v in header.items()}
 
 
-def cli(*args: object, check: bool = False) -> subprocess.CompletedProcess:
-    """The command line run in this process (as `main_exit` does): same exit code and output as
-    run_tool without a Python start-up and torch import per call. run_tool is kept for the tests
-    where the real process matters."""
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    saved = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = rbs.main(argv)
-            except SystemExit as e:         # argparse
-                code = e.code if isinstance(e.code, int) else 1
-    finally:
-        signal.signal(signal.SIGTERM, saved)
-    result = subprocess.CompletedProcess(["resize-block-size", *argv], code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"exit {code}\nstdout: {result.stdout}\nstderr: {result.stderr}")
-    return result
-
-
 def dry_run_json(folder: Path, *args: object) -> dict:
     result = cli(folder, "--dry-run", "--json", *args, check=True)
     return json.loads(result.stdout)
@@ -156,7 +130,7 @@ def first_tensor(out: Path, want) -> tuple[str, str, tuple]:
 def test_verify_passes_on_good_output_and_reports_counts(good_output):
     src, out = good_output
     before = snapshot(out)
-    result = run_tool(src, "-o", out, "--verify")
+    result = cli(src, "-o", out, "--verify")
     assert result.returncode == 0, result.stderr
     m = re.search(r"verified .*: (\d+) tensors byte-identical, (\d+) scales exact replications, "
                   r"(\d+) files equal", result.stdout)
@@ -237,7 +211,7 @@ def test_verify_fails_naming_config_json_when_it_is_missing(good_output):
 
 def test_verify_on_a_missing_output_converts_then_verifies(ckpt, tmp_path):
     out = tmp_path / "fresh"
-    result = run_tool(ckpt, "-o", out, "--verify")
+    result = cli(ckpt, "-o", out, "--verify")
     assert result.returncode == 0, result.stderr
     assert "converted " in result.stdout and f"verified {out}" in result.stdout
     assert quant_config(out)["weight_block_size"] == [64, 64]
@@ -477,7 +451,7 @@ def tp_ckpt(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("tp, edge", [(32, 64), (64, 32)])
 def test_tp_converts_to_the_block_it_needs(tp_ckpt, tp, edge):
-    result = run_tool(tp_ckpt, "--tp", tp)
+    result = cli(tp_ckpt, "--tp", tp)
     assert result.returncode == 0, result.stderr
     assert f"TP{tp} needs {edge}x{edge} blocks" in result.stdout
     out = tp_ckpt.with_name(f"{tp_ckpt.name}-Block{edge}x{edge}")
@@ -502,7 +476,7 @@ def test_tp_where_source_blocks_already_work_writes_nothing(real_models):
 def test_tp_with_no_working_block_fails_naming_a_weight(ckpt):
     # The default tiny checkpoint has dims of 192 and 64: at TP64 that is 3 or 1 per rank.
     before = siblings(ckpt)
-    result = run_tool(ckpt, "--tp", 64)
+    result = cli(ckpt, "--tp", 64)
     assert result.returncode != 0
     assert re.search(r"no block size of 16 or more works at TP64: model\.layers\.\d+\.[\w.]+\.weight: \d+ ",
                      result.stderr), result.stderr
@@ -511,7 +485,7 @@ def test_tp_with_no_working_block_fails_naming_a_weight(ckpt):
 
 def test_tp_together_with_block_size_is_refused(ckpt):
     before = siblings(ckpt)
-    result = run_tool(ckpt, "--tp", 32, "--block-size", 64)
+    result = cli(ckpt, "--tp", 32, "--block-size", 64)
     assert result.returncode != 0
     assert "--tp" in result.stderr and "--block-size" in result.stderr
     assert siblings(ckpt) == before
