@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,52 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing safetensors files by hand (8-byte little-endian header length, JSON header, data), for
+# layouts and damage the safetensors library will not write. Well-formed checkpoints are written
+# by the library itself (tc.write_checkpoint).
+# ---------------------------------------------------------------------------------------------
+
+Tensor = tuple[str, list[int], bytes]           # dtype, shape, raw little-endian bytes
+
+
+def layout(tensors: dict[str, Tensor], metadata: dict | None = None) -> tuple[dict, bytes]:
+    """A safetensors header (as a dict) and data area for `tensors`, packed in their order."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    data, offset = [], 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        data.append(raw)
+        offset += len(raw)
+    return header, b"".join(data)
+
+
+def write_safetensors(path: Path, header: object, data: bytes = b"", *,
+                      header_len: int | None = None, file_size: int | None = None) -> Path:
+    """Write a safetensors file byte by byte: `header` is a JSON value (or raw bytes), padded
+    with spaces to 8 bytes; `header_len` overrides the length field; `file_size` extends the
+    file sparsely (or cuts it)."""
+    body = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(body) if header_len is None else header_len))
+        f.write(body)
+        f.write(data)
+        if file_size is not None:
+            f.truncate(file_size)
+    return path
+
+
+def read_header(path: Path) -> tuple[dict | None, dict[str, dict], int]:
+    """(__metadata__ or None, tensor entries, data start) of a safetensors file, parsed by hand
+    (the safetensors library does not show where a tensor's bytes lie)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None)
+    return meta, header, 8 + n
 
 
 # ---------------------------------------------------------------------------------------------

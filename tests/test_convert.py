@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shlex
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, cli, deepseek, dequantized, load_all, snapshot, tc
+from conftest import ROOT, cli, deepseek, dequantized, load_all, read_header, snapshot, tc
 
 import resize_block_size as rbs
 
@@ -66,17 +65,8 @@ def by_layer(name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: raw safetensors reading, bit views, the expected scale
+# Helpers: raw tensors, bit views, the expected scale
 # ---------------------------------------------------------------------------------------------
-
-def read_header(path: Path) -> tuple[dict | None, dict[str, dict], int]:
-    """(__metadata__ or None, tensor entries, data start) of a safetensors file, parsed by hand."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", None)
-    return meta, header, 8 + n
-
 
 def raw_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """name -> (safetensors dtype, shape, raw bytes) for every tensor of every shard."""

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import resize_block_size as rbs
-from conftest import dequantized, snapshot, tc
+from conftest import dequantized, layout, snapshot, tc, write_safetensors
 
 METHODS = ("reflink", "direct", "copy_file_range", "buffered")
 # Expert-sized tensors (a few MB) so that whole 4 KiB blocks can be shared.
@@ -40,18 +39,9 @@ def expert_tensors(layers: int = 2, experts: int = 2) -> dict[str, torch.Tensor]
 def write_interleaved(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A shard whose data goes weight, its scale, next weight, ... (not safetensors' dtype order)."""
     order = sorted(tensors, key=lambda n: (n.removesuffix("_scale_inv"), n.endswith("_scale_inv")))
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     dtypes = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
-    for name in order:
-        t = tensors[name].contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.float8_e4m3fn else \
-            t.view(torch.int16 if t.element_size() == 2 else torch.int32).numpy().tobytes()
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    body = json.dumps(header).encode()
-    body += b" " * (-len(body) % 8)
-    path.write_bytes(struct.pack("<Q", len(body)) + body + b"".join(blobs))
+    raw = {n: tensors[n].contiguous().view(-1).view(torch.uint8).numpy().tobytes() for n in order}
+    write_safetensors(path, *layout({n: (dtypes[tensors[n].dtype], list(tensors[n].shape), raw[n]) for n in order}))
 
 
 def make_checkpoint(folder: Path, *, interleaved: bool) -> Path:

@@ -37,7 +37,7 @@ from typing import Callable
 import pytest
 from safetensors import safe_open
 
-from conftest import cli, snapshot, start, tc
+from conftest import Tensor, cli, layout, snapshot, start, tc, write_safetensors
 
 import resize_block_size as rbs
 
@@ -90,10 +90,9 @@ def chattr_works(probe_dir: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing safetensors files by hand (8-byte little-endian header length, JSON header, data)
+# Hand-written checkpoints (conftest's `write_safetensors`), with random tensors
 # ---------------------------------------------------------------------------------------------
 
-Tensor = tuple[str, list[int], bytes]           # dtype, shape, raw little-endian bytes
 NO_NAN = bytes.maketrans(b"\x7f\xff", b"\x7e\xfe")  # keep random bytes finite e4m3fn values
 
 
@@ -116,33 +115,6 @@ def bf16(rng: random.Random, *shape: int) -> Tensor:
     for d in shape:
         n *= d
     return ("BF16", list(shape), struct.pack(f"<{n}e", *(rng.uniform(-1, 1) for _ in range(n))))
-
-
-def layout(tensors: dict[str, Tensor], metadata: dict | None = None) -> tuple[dict, bytes]:
-    """A safetensors header (as a dict) and data area for `tensors`, packed in order."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    data, offset = [], 0
-    for name, (dtype, shape, raw) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
-        data.append(raw)
-        offset += len(raw)
-    return header, b"".join(data)
-
-
-def write_safetensors(path: Path, header: object, data: bytes = b"", *,
-                      header_len: int | None = None, file_size: int | None = None) -> Path:
-    """Write a safetensors file byte by byte: `header` is a JSON value (or raw bytes), padded
-    with spaces to 8 bytes; `header_len` overrides the length field; `file_size` extends the
-    file sparsely (or cuts it)."""
-    body = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(body) if header_len is None else header_len))
-        f.write(body)
-        f.write(data)
-        if file_size is not None:
-            f.truncate(file_size)
-    return path
 
 
 # A hand-written two-shard checkpoint. Shard 2 holds an FP8 weight whose 256 x 192 shape needs

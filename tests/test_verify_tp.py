@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, dequantized, deepseek, load_all, snapshot, tc
+from conftest import cli, dequantized, deepseek, load_all, snapshot, tc, write_safetensors
 
 
 BLOCK_RE = re.compile(r"-Block\d+x\d+$")
@@ -44,11 +44,8 @@ def write_header_only(folder: Path, shards: list[dict[str, tuple[str, list[int]]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
             weight_map[name] = file
-        body = json.dumps(header).encode()
-        body += b" " * (-len(body) % 8)
-        path = folder / file
-        path.write_bytes(struct.pack("<Q", len(body)) + body)
-        os.truncate(path, 8 + len(body) + offset)
+        path = write_safetensors(folder / file, header)
+        os.truncate(path, path.stat().st_size + offset)      # the data area: a hole
         total += offset
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
