@@ -453,7 +453,9 @@ def test_restore_killed_while_removing_its_record_ends_with_the_original_files(t
     before = snapshot(ckpt)
     assert_ok(cli(ckpt, "--in-place", "-q"))
     killed = cli(ckpt, "--restore", "-q", via="python", patch=KILL_AT_FIRST_RMTREE, timeout=120)
-    assert killed.returncode in (-signal.SIGKILL, 0), show(killed)
+    assert killed.returncode == -signal.SIGKILL, show(killed)
+    assert (ckpt / (STATE + ".removing")).is_dir() and not (ckpt / STATE).exists(), \
+        "the kill did not land while the record was being removed"
     for command in then:
         assert_ok(cli(ckpt, command, "-q"))
     assert snapshot(ckpt) == before
