@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, dequantized, deepseek, load_all, snapshot, tc, write_safetensors
+from conftest import cli, dequantized, deepseek, load_all, read_header, snapshot, tc, write_safetensors
 
 
 BLOCK_RE = re.compile(r"-Block\d+x\d+$")
@@ -63,14 +63,11 @@ def add(tensors: dict, prefix: str, parts: dict[str, tuple[str, list[int]]]) -> 
         tensors[prefix + suffix] = spec
 
 
-def read_header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+def tensor_spans(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
     """name -> (dtype, shape, absolute begin, absolute end) of a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], v["shape"], 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-            for k, v in header.items()}
+    _, entries, start = read_header(path)
+    return {k: (v["dtype"], v["shape"], start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in entries.items()}
 
 
 def dry_run_json(folder: Path, *args: object) -> dict:
@@ -118,7 +115,7 @@ def good_output(converted_master, tmp_path) -> tuple[Path, Path]:
 def first_tensor(out: Path, want) -> tuple[str, str, tuple]:
     """(shard name, tensor name, header entry) of the first tensor in a later shard matching `want`."""
     for shard in sorted(out.glob("*.safetensors"), reverse=True):
-        for name, entry in sorted(read_header(shard).items(), key=lambda kv: kv[1][2]):
+        for name, entry in sorted(tensor_spans(shard).items(), key=lambda kv: kv[1][2]):
             if want(name, entry):
                 return shard.name, name, entry
     raise AssertionError("no matching tensor")
@@ -384,9 +381,9 @@ def test_dry_run_json_reports_blocks_shards_scales_and_bytes(real_plans, real_mo
     assert type(info["bytes_out"]) is int
     # Data bytes of the output: every input tensor, with the scales at the 64x64 shapes (4 bytes each).
     folder = real_models["DeepSeek-V3"]
-    data_in = sum(e[3] - e[2] for s in folder.glob("*.safetensors") for e in read_header(s).values())
+    data_in = sum(e[3] - e[2] for s in folder.glob("*.safetensors") for e in tensor_spans(s).values())
     scale_in = sum(e[3] - e[2] for s in folder.glob("*.safetensors")
-                   for n, e in read_header(s).items() if n.endswith("_scale_inv"))
+                   for n, e in tensor_spans(s).items() if n.endswith("_scale_inv"))
     # attention (x2 layers): q_a [24,112], q_b [384,24], kv_a [9,112], kv_b [512,8], o [112,256];
     # dense gate/up [288,112], down [112,288]; 4 expert MLPs gate/up [32,112], down [112,32].
     scale_out = 4 * (24 * 112 + 384 * 24 + 9 * 112 + 512 * 8 + 112 * 256) * 2 \
