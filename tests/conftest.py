@@ -91,7 +91,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def cli(*args: object, via: str = "fork", patch: str | None = None, cwd: Path | str | None = None,
+def cli(*args: object, via: str | None = None, patch: str | None = None, cwd: Path | str | None = None,
         env: dict[str, str] | None = None, before: Callable[[], None] | None = None,
         timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
     """Run `resize-block-size ARGS` to the end; its exit code, stdout and stderr.
@@ -103,11 +103,12 @@ def cli(*args: object, via: str = "fork", patch: str | None = None, cwd: Path | 
     traceback with exit 1, and non-daemon threads are joined before the exit, as the interpreter
     does. via="python" or "script" start a real process (see `command()`): for the console script
     itself, environment variables read at import (HF_HUB_CACHE), and `patch` code.
-    RBS_TEST_SUBPROCESS=1 in the environment makes every forked run a real `python` one.
+    RBS_TEST_SUBPROCESS=1 in the environment makes the default a real `python` run; a test that
+    needs the fork (its monkeypatches or `before()` patches reach the tool) says via="fork".
     """
     argv = [str(a) for a in args]
-    if via == "fork" and os.environ.get("RBS_TEST_SUBPROCESS"):
-        via = "python"
+    if via is None:
+        via = "python" if os.environ.get("RBS_TEST_SUBPROCESS") else "fork"
     if via != "fork":
         result = finish(start(*argv, via=via, patch=patch, before=before, cwd=cwd, env=env), timeout)
     else:

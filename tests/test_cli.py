@@ -585,7 +585,7 @@ def test_json_interrupted_run_is_an_object_with_exit_130(ckpt, tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(resize_block_size, "write_files", interrupted)
-    result = cli(ckpt, "-o", tmp_path / "out", "--json")
+    result = cli(ckpt, "-o", tmp_path / "out", "--json", via="fork")
     assert result.returncode == 130
     data = json.loads(result.stdout)
     assert data["exit_code"] == 130 and data["ok"] is False and "re-run the same command" in data["error"]

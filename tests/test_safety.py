@@ -14,8 +14,9 @@
 
 The many small cases run the console script's `main_exit()` in a forked child of this process
 (conftest's `cli()`: no second interpreter start); set RBS_TEST_SUBPROCESS=1 to run them
-through `python resize_block_size.py` instead. The big checkpoint's conversions (kill, resume,
-disk, signals) and the immutable-input run are always real subprocesses.
+through `python resize_block_size.py` instead (all but the two that patch the tool in the child).
+The big checkpoint's conversions (kill, resume, disk, signals) and the immutable-input run are
+always real subprocesses.
 """
 from __future__ import annotations
 
@@ -999,8 +1000,6 @@ def test_disk_full_during_run_fails_cleanly_and_rerun_completes(big: Big, out: P
 
 
 def test_a_scale_that_reads_back_wrong_stops_the_run_before_its_shard_is_renamed(tmp_path: Path) -> None:
-    if os.environ.get("RBS_TEST_SUBPROCESS"):
-        pytest.skip("patches a write inside the tool's process: needs the forked in-process run")
     model = write_hand_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
 
@@ -1014,7 +1013,7 @@ def test_a_scale_that_reads_back_wrong_stops_the_run_before_its_shard_is_renamed
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             real(fd, data, offset)
         rbs._pwrite_all = write
-    result = cli(model, "-o", out, "-q", before=corrupt_scale_writes)
+    result = cli(model, "-o", out, "-q", before=corrupt_scale_writes, via="fork")
     line = error_line(result)
     assert "read back differs" in line and "_scale_inv" in line, line
     assert not (out / SHARD1).exists() and not (out / SHARD2).exists()
@@ -1065,11 +1064,9 @@ def _signal_self_when_opening(suffix: str, sig: signal.Signals) -> Callable[[], 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_as_a_partial_file_is_created_leaves_no_partial(sig: signal.Signals, tmp_path: Path) -> None:
     """The race the end-to-end test above hits now and then, made deterministic."""
-    if os.environ.get("RBS_TEST_SUBPROCESS"):
-        pytest.skip("patches os.open inside the tool's process: needs the forked in-process run")
     model = write_hand_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
-    result = cli(model, "-o", out, "-q", before=_signal_self_when_opening(f"{SHARD2}.partial", sig))
+    result = cli(model, "-o", out, "-q", before=_signal_self_when_opening(f"{SHARD2}.partial", sig), via="fork")
     assert result.returncode in (130, 143), result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert (out / SHARD1).is_file()

@@ -122,7 +122,7 @@ def test_a_source_changed_between_planning_and_copying_is_refused_with_no_finish
         change, words, model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     replace_during_planning(monkeypatch, change)
-    line = one_line_error(cli(model, "-o", out, "-q"))
+    line = one_line_error(cli(model, "-o", out, "-q", via="fork"))
     assert "changed during the run" in line and all(w in line for w in words), line
     assert not (out / "config.json").exists(), "a finished output was left"
     assert partials(out) == [] if out.exists() else True
@@ -135,7 +135,7 @@ def test_in_place_refuses_a_shard_replaced_after_planning_and_leaves_it_as_it_is
         same_bytes_new_data(folder / SHARDS[0])
         shutil.copyfile(folder / SHARDS[0], replaced)
     replace_during_planning(monkeypatch, change)
-    line = one_line_error(cli(model, "--in-place", "-q"))
+    line = one_line_error(cli(model, "--in-place", "-q", via="fork"))
     assert "changed during the run" in line and SHARDS[0] in line, line
     assert (model / SHARDS[0]).read_bytes() == replaced.read_bytes()
     assert partials(model) == []
@@ -150,7 +150,7 @@ def test_a_copied_run_that_reads_back_wrong_is_not_renamed_into_place(model, tmp
         first = os.pread(dst_fd, 1, run.dst)
         os.pwrite(dst_fd, bytes([first[0] ^ 0xFF]), run.dst)
     monkeypatch.setattr(rbs.ByteCopier, "copy", copy_then_flip_first_byte)
-    line = one_line_error(cli(model, "-o", out, "-q"))
+    line = one_line_error(cli(model, "-o", out, "-q", via="fork"))
     assert "read back differ from the source" in line, line
     assert not any((out / s).exists() for s in SHARDS)
     assert partials(out) == []
@@ -440,7 +440,7 @@ def test_restore_says_restored_only_after_checking_every_file_against_the_record
     def config_written_wrong(path: Path, text: str) -> None:
         real(path, text + " " if path.name == "config.json" else text)
     monkeypatch.setattr(rbs, "write_text", config_written_wrong)
-    r = cli(model, "--restore", "-q")
+    r = cli(model, "--restore", "-q", via="fork")
     line = one_line_error(r)
     assert "config.json" in line and "record was kept" in line, line
     assert (model / STATE / "run.json").is_file()
