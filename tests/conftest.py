@@ -34,9 +34,6 @@ TOOL = ROOT / "resize_block_size.py"
 # Running the command line: one runner, `cli()`, and `start()` for a run the test must watch
 # ---------------------------------------------------------------------------------------------
 
-VIAS = ("fork", "python", "script")
-
-
 def default_sigint() -> None:
     """Give a child the default SIGINT disposition even if pytest was started with SIGINT ignored
     (a background job), so that Python installs its KeyboardInterrupt handler in the child."""
