@@ -22,8 +22,6 @@ import math
 import os
 import re
 import shlex
-import shutil
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, TOOL, deepseek, dequantized, load_all, run_tool, snapshot, tc
+from conftest import ROOT, cli, deepseek, dequantized, load_all, read_header, snapshot, tc
 
 import resize_block_size as rbs
 
@@ -67,17 +65,8 @@ def by_layer(name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: raw safetensors reading, bit views, the expected scale
+# Helpers: raw tensors, bit views, the expected scale
 # ---------------------------------------------------------------------------------------------
-
-def read_header(path: Path) -> tuple[dict | None, dict[str, dict], int]:
-    """(__metadata__ or None, tensor entries, data start) of a safetensors file, parsed by hand."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", None)
-    return meta, header, 8 + n
-
 
 def raw_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """name -> (safetensors dtype, shape, raw bytes) for every tensor of every shard."""
@@ -114,34 +103,8 @@ def expected_scale(scale: torch.Tensor, weight_shape: tuple[int, ...], target: t
     return bits(scale).index_select(-2, old_row).index_select(-1, old_col)
 
 
-def state(folder: Path) -> dict[str, tuple]:
-    """Every entry below `folder` (and itself), not following links: kind, mtime, content hash."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for name in [".", *dirs, *files]:
-            path = Path(root) / name
-            st = os.lstat(path)
-            rel = path.relative_to(folder).as_posix()
-            if os.path.islink(path):
-                out[rel] = ("link", os.readlink(path), st.st_mtime_ns)
-            elif path.is_dir():
-                out[rel] = ("dir", st.st_mtime_ns)
-            else:
-                out[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns)
-    return out
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def console_script() -> str:
-    """The installed `resize-block-size` command; its absence is a failure (CI pip-installs it)."""
-    path = shutil.which("resize-block-size")
-    if path is None:
-        pytest.fail("the `resize-block-size` console script is not on PATH; install the project "
-                    "with `pip install .` (pyproject [project.scripts])")
-    return path
 
 
 def block_of(folder: Path) -> list[int]:
@@ -205,7 +168,7 @@ class Converted:
     src: Path
     out: Path
     config: dict
-    before: dict                    # state(src) before the run
+    before: dict                    # snapshot(src, follow_links=False, mtimes=True) before the run
     result: subprocess.CompletedProcess
 
 
@@ -215,9 +178,9 @@ def build_and_convert(case: Case, tmp: Path) -> Converted:
     tc.write_checkpoint(src, tc.deepseek_v3_tensors(scale_dtype=case.scale_dtype, **case.dims), config,
                         shards=case.shards, shard_of=case.shard_of, metadata=case.metadata,
                         extra_files=tc.default_extra_files())
-    before = state(src)
+    before = snapshot(src, follow_links=False, mtimes=True)
     out = tmp / "out"
-    result = run_tool(src, *case.args, "-o", out, check=True)
+    result = cli(src, *case.args, "-o", out, check=True)
     return Converted(case, src, out, config, before, result)
 
 
@@ -325,7 +288,7 @@ def test_output_shards_open_with_safe_open(conv):
 
 
 def test_input_folder_is_byte_identical_with_unchanged_mtimes(conv):
-    assert state(conv.src) == conv.before
+    assert snapshot(conv.src, follow_links=False, mtimes=True) == conv.before
 
 
 def test_summary_line_mentions_shards_scales_and_bytes(conv):
@@ -382,7 +345,7 @@ def test_kv_a_proj_with_mqa_576_rows_get_9_scale_rows_at_64_not_10(conv576):
     ("DeepSeek-V3", ["--block-size", "64,128"], "DeepSeek-V3-Block64x128"),
 ], ids=["absolute", "relative-trailing-slash", "32", "64,128"])
 def test_default_output_is_the_sibling_named_after_the_block(ckpt, tmp_path, given, args, expected):
-    run_tool(given or ckpt, *args, cwd=tmp_path, check=True)
+    cli(given or ckpt, *args, cwd=tmp_path, check=True)
     assert sorted(os.listdir(tmp_path)) == sorted([ckpt.name, expected])
     out = tmp_path / expected
     assert block_of(out) == [int(x) for x in expected.split("Block")[1].split("x")]
@@ -391,18 +354,15 @@ def test_default_output_is_the_sibling_named_after_the_block(ckpt, tmp_path, giv
 
 def test_output_option_writes_to_the_given_folder_only(ckpt, tmp_path):
     out = tmp_path / "elsewhere" / "R1-small-blocks"
-    run_tool(ckpt, "-o", out, check=True)
+    cli(ckpt, "-o", out, check=True)
     assert sorted(os.listdir(tmp_path)) == sorted([ckpt.name, "elsewhere"])
     assert block_of(out) == [64, 64]
     assert_dequantizes_identically(ckpt, out)
 
 
 def test_console_script_behaves_like_python_resize_block_size_py(ckpt, tmp_path):
-    script = console_script()
-    via_python = subprocess.run([sys.executable, str(TOOL), str(ckpt), "--block-size", "32", "-o",
-                                 str(tmp_path / "a")], capture_output=True, text=True)
-    via_script = subprocess.run([script, str(ckpt), "--block-size", "32", "-o", str(tmp_path / "b")],
-                                capture_output=True, text=True)
+    via_python = cli(ckpt, "--block-size", "32", "-o", tmp_path / "a", via="python")
+    via_script = cli(ckpt, "--block-size", "32", "-o", tmp_path / "b", via="script")
     assert via_python.returncode == via_script.returncode == 0, (via_python.stderr, via_script.stderr)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
 
@@ -420,7 +380,7 @@ def test_single_file_checkpoint_converts(tmp_path):
     src = tc.write_checkpoint(tmp_path / "single", tc.deepseek_v3_tensors(**DIMS_ODD),
                               tc.deepseek_v3_config(**DIMS_ODD), single_file=True)
     out = tmp_path / "out"
-    run_tool(src, "-o", out, check=True)
+    cli(src, "-o", out, check=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert_dequantizes_identically(src, out)
     assert_scales_replicated(src, out, (64, 64))
@@ -450,10 +410,10 @@ def test_hf_cache_snapshot_of_symlinks_converts_to_real_files(tmp_path):
     snap = as_hf_cache(plain, repo)
     assert os.readlink(snap / "config.json").startswith("../../blobs/")
     assert os.readlink(snap / "inference" / "kernel.py").startswith("../../../blobs/")
-    before = state(repo)
+    before = snapshot(repo, follow_links=False, mtimes=True)
 
     out = tmp_path / "out"
-    run_tool(snap, "-o", out, check=True)
+    cli(snap, "-o", out, check=True)
 
     assert [p for p in out.rglob("*") if p.is_symlink()] == []
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -465,7 +425,7 @@ def test_hf_cache_snapshot_of_symlinks_converts_to_real_files(tmp_path):
     assert names_per_shard(out) == names_per_shard(plain)
     assert_scales_replicated(plain, out, (64, 64))
     assert_dequantizes_identically(plain, out)
-    assert state(repo) == before
+    assert snapshot(repo, follow_links=False, mtimes=True) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +433,7 @@ def test_hf_cache_snapshot_of_symlinks_converts_to_real_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_quiet_prints_nothing(ckpt, tmp_path):
-    result = run_tool(ckpt, "--quiet", "-o", tmp_path / "out")
+    result = cli(ckpt, "--quiet", "-o", tmp_path / "out")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert block_of(tmp_path / "out") == [64, 64]
 
@@ -498,12 +458,12 @@ def test_progress_bar_stays_hidden_for_a_run_shorter_than_its_delay_and_with_qui
 
 def test_rerun_on_finished_output_says_already_converted_and_rewrites_nothing(ckpt, tmp_path):
     out = tmp_path / "out"
-    run_tool(ckpt, "-o", out, check=True)
-    done = state(out)
-    again = run_tool(ckpt, "-o", out)
+    cli(ckpt, "-o", out, check=True)
+    done = snapshot(out, follow_links=False, mtimes=True)
+    again = cli(ckpt, "-o", out)
     assert again.returncode == 0, again.stderr
     assert "already converted" in (again.stdout + again.stderr).lower()
-    assert state(out) == done
+    assert snapshot(out, follow_links=False, mtimes=True) == done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +507,7 @@ def v31(tmp_path_factory) -> tuple[Path, Path]:
     src = tc.write_checkpoint(tmp / "DeepSeek-V3.1", tensors, tc.deepseek_v3_config(**DIMS_ODD), shards=3)
     (src / "config.json").write_text(V31_CONFIG % (128, 128))
     out = tmp / "out"
-    run_tool(src, "-o", out, check=True)
+    cli(src, "-o", out, check=True)
     return src, out
 
 
@@ -596,7 +556,7 @@ def test_stacked_3d_expert_weights_convert(tmp_path):
     src = tc.write_checkpoint(tmp_path / "stacked", stacked_expert_tensors(), tc.deepseek_v3_config(), shards=2)
     assert raw_tensors(src)["model.layers.0.mlp.experts.gate_up_proj.weight" + SCALE][1] == (3, 2, 2)
     out = tmp_path / "out"
-    run_tool(src, "-o", out, check=True)
+    cli(src, "-o", out, check=True)
     after = raw_tensors(out)
     assert after["model.layers.0.mlp.experts.gate_up_proj.weight" + SCALE][1] == (3, 3, 3)
     assert after["model.layers.0.mlp.experts.down_proj.weight" + SCALE][1] == (3, 3, 2)
@@ -625,15 +585,14 @@ def test_example_converts_with_the_readme_command(tmp_path):
     assert command == ["resize-block-size", "examples/tiny-deepseek-v3", "--tp", "32"]
     default_out = ROOT / "examples" / "tiny-deepseek-v3-Block64x64"
     existed = default_out.exists()
-    before = state(EXAMPLE)
+    before = snapshot(EXAMPLE, follow_links=False, mtimes=True)
     out = tmp_path / "tiny-deepseek-v3-Block64x64"
-    result = subprocess.run([console_script(), *command[1:], "-o", str(out)], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = cli(*command[1:], "-o", out, cwd=ROOT, via="script")
     assert result.returncode == 0, result.stderr
     assert block_of(out) == [64, 64]
     assert_dequantizes_identically(EXAMPLE, out)
     assert_scales_replicated(EXAMPLE, out, (64, 64))
-    assert state(EXAMPLE) == before
+    assert snapshot(EXAMPLE, follow_links=False, mtimes=True) == before
     assert default_out.exists() == existed
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_all, snapshot, tc
-from test_verify_tp import add, cli, dry_run_json, fp8, siblings, write_header_only
+from conftest import cli, load_all, snapshot, tc
+from test_verify_tp import add, dry_run_json, fp8, siblings, write_header_only
 
 
 def fp8b(n: int, k: int, scale_dtype: str = "BF16") -> dict:

@@ -10,16 +10,14 @@
 * Going back with --block-size 128 only works when every scale is a replication.
 
 Every expectation is computed here (dequantized values, shard sizes, sha256 of the originals,
-an uninterrupted run on a copy), never read from the tool's own plan. Starting Python and torch
-(~1.5 s of CPU) dominates the runtime, so runs that must be real processes (kill -9, ulimit, the
+an uninterrupted run on a copy), never read from the tool's own plan. Starting a new Python
+dominates the runtime, so runs that must be real processes (kill -9, ulimit, the
 main round trip, the disk measurement) start several at once, and refusals, dry runs and the
-round-trip variants call main() in this process (`run_here`).
+round-trip variants run in a forked child of this process (conftest's `cli()`).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -28,7 +26,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import TOOL, deepseek, dequantized, load_all, snapshot, tc
+from conftest import cli, deepseek, dequantized, finish, load_all, snapshot, start, tc
 
 STATE = ".resize_block_size"     # INPUT/.resize_block_size/: the record of an in-place run
 LOCK = f"{STATE}/lock"          # holds the pid of the last run that took the lock: not checkpoint data
@@ -52,49 +49,14 @@ ERROR = "resize-block-size: error: "
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
-def argv(*args: object) -> list[str]:
-    return [sys.executable, str(TOOL), *map(str, args)]
-
-
-def start(*commands: tuple, **popen_kwargs) -> list[subprocess.Popen]:
-    """Start several command lines at once (each a tuple of arguments), each in its own process."""
-    return [subprocess.Popen(argv(*c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             **popen_kwargs) for c in commands]
-
-
-def finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return results
-
-
-def run_together(*commands: tuple, **popen_kwargs) -> list[subprocess.CompletedProcess]:
-    """Run several command lines at once and wait for all."""
-    return finish(start(*commands, **popen_kwargs))
-
-
-def run_here(*args: object) -> subprocess.CompletedProcess:
-    """Run the command line's main() in this process (same exit code, stdout and stderr), which
-    skips the ~1.5 s a new Python spends importing torch. Only from the main thread (signals)."""
-    import resize_block_size
-    out, err = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = resize_block_size.main([str(a) for a in args])
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return subprocess.CompletedProcess(["python", "resize_block_size.py", *map(str, args)], code,
-                                       out.getvalue(), err.getvalue())
+def run_together(*commands: tuple, before=None) -> list[subprocess.CompletedProcess]:
+    """Run several command lines at once (each a tuple of arguments, each in its own process) and
+    wait for all."""
+    return [finish(p) for p in [start(*c, before=before) for c in commands]]
 
 
 def show(r: subprocess.CompletedProcess) -> str:
-    return f"{' '.join(r.args[2:])}: exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return f"{' '.join(map(str, r.args))}: exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
 
 
 def assert_ok(r: subprocess.CompletedProcess) -> None:
@@ -202,9 +164,9 @@ def round_trips(tmp_path_factory) -> dict[str, RoundTrip]:
     separate_output = root / "separate" / "DeepSeek-V3-b64"
 
     commands = {name: (f, "--in-place", "-q", *ROUND_TRIPS[name][2]) for name, f in folders.items()}
-    procs = start(commands["64x64"], (separate_input, "-o", separate_output, "-q"))
-    in_place = {name: run_here(*c) for name, c in commands.items() if name != "64x64"}
-    in_place["64x64"], separate = finish(procs)
+    procs = [start(*commands["64x64"]), start(separate_input, "-o", separate_output, "-q")]
+    in_place = {name: cli(*c) for name, c in commands.items() if name != "64x64"}
+    in_place["64x64"], separate = map(finish, procs)
     after = {}
     for name, f in folders.items():
         index = json.loads((f / INDEX).read_text()) if (f / INDEX).exists() else None
@@ -214,9 +176,9 @@ def round_trips(tmp_path_factory) -> dict[str, RoundTrip]:
             values = {"<error>": repr(e)}
         after[name] = (snapshot(f), values, load_all(f), shard_contents(f),
                        json.loads((f / "config.json").read_text()), index)
-    procs = start((folders["64x64"], "--restore", "-q"))
-    restores = {name: run_here(f, "--restore", "-q") for name, f in folders.items() if name != "64x64"}
-    [restores["64x64"]] = finish(procs)
+    proc = start(folders["64x64"], "--restore", "-q")
+    restores = {name: cli(f, "--restore", "-q") for name, f in folders.items() if name != "64x64"}
+    restores["64x64"] = finish(proc)
     trips = {}
     for name, f in folders.items():
         trips[name] = RoundTrip(f, ROUND_TRIPS[name][1], *before[name], in_place[name], *after[name],
@@ -383,8 +345,7 @@ def kill_9_then_rerun(kill: Kill, work: Path) -> tuple[int, str, bool, subproces
     command to the end. Also says whether the in-place record was gone before the re-run."""
     shards = shard_names(work)
     watch = Watch(work, {s: os.stat(work / s).st_ino for s in shards})
-    cmd = argv(work, *kill.command)
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = start(work, *kill.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     watch.t0 = time.monotonic()
     try:
         deadline = time.monotonic() + 60
@@ -396,8 +357,7 @@ def kill_9_then_rerun(kill: Kill, work: Path) -> tuple[int, str, bool, subproces
     seen = f"{watch.replaced()} of {len(shards)} shards replaced" + (
         ", a .partial present" if any(watch.partial(s) for s in shards) else "")
     record_gone = not any((work / name).exists() for name in (STATE, STATE + ".removing"))
-    rerun = subprocess.run(argv(work, *kill.then) if kill.then else cmd, capture_output=True, text=True,
-                           timeout=120)
+    rerun = cli(work, *(kill.then or kill.command), via="python", timeout=120)
     return p.returncode, seen, record_gone, rerun
 
 
@@ -477,15 +437,12 @@ def test_restore_after_a_killed_in_place_run_gives_the_original_files(big, tmp_p
 # Kills the process (SIGKILL, no cleanup runs) the first time it removes a folder tree, which a
 # restore does only once every file is back: while removing its record.
 KILL_AT_FIRST_RMTREE = """
-import os, shutil, signal, sys
-sys.path.insert(0, {root!r})
-import resize_block_size
+import os, shutil, signal
 
 def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 shutil.rmtree = killed
-sys.exit(resize_block_size.main(sys.argv[1:]))
 """
 
 
@@ -494,13 +451,13 @@ def test_restore_killed_while_removing_its_record_ends_with_the_original_files(t
     """kill -9 at the very end of a restore; then --restore again, or first convert in place again
     (the record is gone, so the user may well do that) and restore later."""
     before = snapshot(ckpt)
-    assert_ok(run_here(ckpt, "--in-place", "-q"))
-    code = KILL_AT_FIRST_RMTREE.format(root=str(TOOL.parent))
-    killed = subprocess.run([sys.executable, "-c", code, str(ckpt), "--restore", "-q"],
-                            capture_output=True, text=True, timeout=120)
-    assert killed.returncode in (-signal.SIGKILL, 0), show(killed)
+    assert_ok(cli(ckpt, "--in-place", "-q"))
+    killed = cli(ckpt, "--restore", "-q", via="python", patch=KILL_AT_FIRST_RMTREE, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, show(killed)
+    assert (ckpt / (STATE + ".removing")).is_dir() and not (ckpt / STATE).exists(), \
+        "the kill did not land while the record was being removed"
     for command in then:
-        assert_ok(run_here(ckpt, command, "-q"))
+        assert_ok(cli(ckpt, command, "-q"))
     assert snapshot(ckpt) == before
 
 
@@ -516,7 +473,7 @@ def test_disk_full_during_in_place_fails_in_one_line_keeps_the_shard_and_rerun_c
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    [r] = run_together((work, "--in-place", "--no-reflink", "-q"), preexec_fn=small_files)
+    [r] = run_together((work, "--in-place", "--no-reflink", "-q"), before=small_files)
     line = assert_one_line_error(r)
     print(f"disk full (file size limit {limit} bytes): {line}")
     assert sha256(work / shard) == big.original_snapshot[shard]
@@ -548,7 +505,7 @@ def test_block_size_128_refuses_scales_that_are_not_replications_naming_the_tens
     listing = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out-128"
     mode = ("-o", out) if where == "separate output" else ("--in-place",)
-    r = run_here(genuine_64, "--block-size", "128", *mode, "-q")
+    r = cli(genuine_64, "--block-size", "128", *mode, "-q")
     line = assert_one_line_error(r)
     named = re.findall(r"[\w.]+_scale_inv", line)
     assert named, f"no tensor named in: {line}"
@@ -560,7 +517,7 @@ def test_block_size_128_refuses_scales_that_are_not_replications_naming_the_tens
 
 def test_restore_refuses_a_folder_never_converted_in_place(ckpt):
     before = snapshot(ckpt)
-    r = run_here(ckpt, "--restore", "-q")
+    r = cli(ckpt, "--restore", "-q")
     assert_one_line_error(r)
     assert snapshot(ckpt) == before
 
@@ -568,9 +525,9 @@ def test_restore_refuses_a_folder_never_converted_in_place(ckpt):
 def test_a_second_restore_is_refused_and_leaves_the_original_files(ckpt):
     """What a re-run meets when the kill of a restore came after its last step."""
     before = snapshot(ckpt)
-    assert_ok(run_here(ckpt, "--in-place", "-q"))
-    assert_ok(run_here(ckpt, "--restore", "-q"))
-    line = assert_one_line_error(run_here(ckpt, "--restore", "-q"))
+    assert_ok(cli(ckpt, "--in-place", "-q"))
+    assert_ok(cli(ckpt, "--restore", "-q"))
+    line = assert_one_line_error(cli(ckpt, "--restore", "-q"))
     assert "no record" in line and "--restore finished" in line, line
     assert snapshot(ckpt) == before
 
@@ -587,7 +544,7 @@ def test_in_place_refuses_a_different_conversion_than_the_recorded_one(big, tmp_
     folders = [finished, interrupted]
     before = [without_lock(snapshot(f)) for f in folders]
     for f, b in zip(folders, before):
-        r = run_here(f, "--in-place", "--block-size", "32", "-q")
+        r = cli(f, "--in-place", "--block-size", "32", "-q")
         line = assert_one_line_error(r)
         assert "64x64" in line, line
         assert without_lock(snapshot(f)) == b, f"{f.name} was changed"
@@ -607,7 +564,7 @@ def test_in_place_and_restore_refuse_bad_flags_in_one_line(ckpt, tmp_path):
     before = snapshot(ckpt)
     listing = sorted(p.name for p in tmp_path.iterdir())
     for flags in BAD_FLAGS:
-        r = run_here(ckpt, *(f.format(tmp=tmp_path) for f in flags))
+        r = cli(ckpt, *(f.format(tmp=tmp_path) for f in flags))
         assert_one_line_error(r)
         assert r.stdout == "", show(r)
     assert snapshot(ckpt) == before
@@ -622,8 +579,8 @@ def test_dry_run_in_place_writes_nothing_and_shows_the_largest_new_shard(round_t
     rt = round_trips["64x64"]               # its copy, converted normally to a separate folder
     assert_ok(rt.separate)
     folder = rt.separate_input
-    text = run_here(folder, "--dry-run", "--in-place")
-    as_json = run_here(folder, "--dry-run", "--in-place", "--json")
+    text = cli(folder, "--dry-run", "--in-place")
+    as_json = cli(folder, "--dry-run", "--in-place", "--json")
     assert_ok(text)
     assert_ok(as_json)
     largest = max((rt.separate_folder / s).stat().st_size for s in shard_names(rt.separate_folder))
@@ -664,8 +621,7 @@ def test_in_place_peak_extra_disk_is_at_most_one_shard(small_ext4):
         return st.f_bavail * st.f_frsize
 
     free_at_start = free()
-    p = subprocess.Popen(argv(ckpt, "--in-place", "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = start(ckpt, "--in-place", "-q")
     lowest, polls = free_at_start, 0
     try:
         while p.poll() is None:

@@ -12,16 +12,17 @@
 4. Disk space: the pre-check (small loop-mounted ext4) and a full disk mid-run (RLIMIT_FSIZE).
 5. Signals: SIGINT and SIGTERM stop cleanly and the re-run finishes the job.
 
-The many small cases run the real `main()` in a forked child of this process (`cli()`: no
-second interpreter start, ~10 ms each); set RBS_TEST_SUBPROCESS=1 to run them
-through `python resize_block_size.py` instead. The big checkpoint's conversions (kill, resume,
-disk, signals) and the immutable-input run are always real subprocesses.
+The many small cases run the console script's `main_exit()` in a forked child of this process
+(conftest's `cli()`: no second interpreter start); set RBS_TEST_SUBPROCESS=1 to run them
+through `python resize_block_size.py` instead (all but the two that patch the tool in the child).
+The big checkpoint's conversions (kill, resume, disk, signals) and the immutable-input run are
+always real subprocesses.
 """
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -30,11 +31,7 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
-import tempfile
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,113 +39,25 @@ from typing import Callable
 import pytest
 from safetensors import safe_open
 
-from conftest import TOOL, run_tool, tc
+from conftest import Tensor, cli, layout, snapshot, start, tc, write_safetensors
 
 import resize_block_size as rbs
 
 INDEX = "model.safetensors.index.json"
 STATE = ".resize_block_size"
-PYTHON = sys.executable
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: running the command line, looking at folders
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
+def tree(root: Path) -> dict[str, object]:
+    """The old name of snapshot(root, follow_links=False), kept only for test files on branches
+    that import it from here (tests/test_input_validation.py); new tests call snapshot()."""
+    return snapshot(root, follow_links=False)
 
 
-def cli(*args: object, cwd: Path | str | None = None, before: Callable[[], None] | None = None,
-        timeout: float = 60) -> Result:
-    """Run `resize-block-size ARGS` and return its exit code and output.
-
-    Forks this process and calls `main()` in the child with fds 1 and 2 sent to files, exactly
-    what `python resize_block_size.py ARGS` does minus the interpreter start-up: an exception
-    escaping `main()` is printed as a traceback and exits 1, as the interpreter would.
-    `before()` runs in the child first (like subprocess's preexec_fn).
-    """
-    argv = [str(a) for a in args]
-    if os.environ.get("RBS_TEST_SUBPROCESS"):
-        r = run_tool(*argv, cwd=cwd, timeout=timeout, preexec_fn=before)
-        return Result(r.returncode, r.stdout, r.stderr)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.fork()
-        if pid == 0:                                    # the child: never returns
-            code = 1
-            try:
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdout = open(1, "w", closefd=False)
-                sys.stderr = open(2, "w", closefd=False)
-                if cwd is not None:
-                    os.chdir(cwd)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                if before is not None:
-                    before()
-                sys.argv = [str(TOOL), *argv]
-                try:
-                    code = rbs.main(argv)
-                    code = 0 if code is None else code
-                except SystemExit as e:             # argparse errors, --help
-                    if isinstance(e.code, int) or e.code is None:
-                        code = e.code or 0
-                    else:
-                        print(e.code, file=sys.stderr)
-                        code = 1
-                except BaseException:
-                    traceback.print_exc()
-                    code = 1
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    for thread in threading.enumerate():    # as the interpreter does at exit
-                        if thread is not threading.current_thread() and not thread.daemon:
-                            thread.join()
-                finally:
-                    os._exit(code if isinstance(code, int) else 1)
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise AssertionError(f"resize-block-size {' '.join(argv)} did not finish in {timeout} s")
-            time.sleep(0.002)
-        out.seek(0)
-        err.seek(0)
-        return Result(os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                      err.read().decode(errors="replace"))
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Everything below `root` without following symlinks: files by sha256, folders and
-    symlinks by kind. Equal trees mean nothing was created, removed, changed or re-pointed."""
-    out: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                out[rel] = f"symlink -> {os.readlink(path)}"
-            elif path.is_dir():
-                out[rel] = "folder"
-            else:
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(8 << 20), b""):
-                        digest.update(chunk)
-                out[rel] = digest.hexdigest()
-    return out
-
-
-def error_line(result: Result) -> str:
+def error_line(result: subprocess.CompletedProcess) -> str:
     """The single stderr line of a refused run (asserting the run was refused cleanly)."""
     assert result.returncode != 0, f"expected a refusal, got exit 0\nstdout: {result.stdout}"
     assert "Traceback" not in result.stderr, result.stderr
@@ -183,10 +92,9 @@ def chattr_works(probe_dir: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing safetensors files by hand (8-byte little-endian header length, JSON header, data)
+# Hand-written checkpoints (conftest's `write_safetensors`), with random tensors
 # ---------------------------------------------------------------------------------------------
 
-Tensor = tuple[str, list[int], bytes]           # dtype, shape, raw little-endian bytes
 NO_NAN = bytes.maketrans(b"\x7f\xff", b"\x7e\xfe")  # keep random bytes finite e4m3fn values
 
 
@@ -209,33 +117,6 @@ def bf16(rng: random.Random, *shape: int) -> Tensor:
     for d in shape:
         n *= d
     return ("BF16", list(shape), struct.pack(f"<{n}e", *(rng.uniform(-1, 1) for _ in range(n))))
-
-
-def layout(tensors: dict[str, Tensor], metadata: dict | None = None) -> tuple[dict, bytes]:
-    """A safetensors header (as a dict) and data area for `tensors`, packed in order."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    data, offset = [], 0
-    for name, (dtype, shape, raw) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
-        data.append(raw)
-        offset += len(raw)
-    return header, b"".join(data)
-
-
-def write_safetensors(path: Path, header: object, data: bytes = b"", *,
-                      header_len: int | None = None, file_size: int | None = None) -> Path:
-    """Write a safetensors file byte by byte: `header` is a JSON value (or raw bytes), padded
-    with spaces to 8 bytes; `header_len` overrides the length field; `file_size` extends the
-    file sparsely (or cuts it)."""
-    body = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(body) if header_len is None else header_len))
-        f.write(body)
-        f.write(data)
-        if file_size is not None:
-            f.truncate(file_size)
-    return path
 
 
 # A hand-written two-shard checkpoint. Shard 2 holds an FP8 weight whose 256 x 192 shape needs
@@ -634,13 +515,13 @@ _scale_shape("scale-1d", [4], ["[4]", "expected [2, 2]"])
 def test_invalid_input_is_refused_before_writing_anything(case_id: str, tmp_path: Path) -> None:
     """Non-zero exit, one line naming the file (and tensor), no traceback, nothing written."""
     case = INVALID[case_id](tmp_path)
-    before = tree(tmp_path)                        # the input and its parent: no output appears
+    before = snapshot(tmp_path, follow_links=False)     # the input and its parent: no output appears
     result = cli(*case.args, cwd=case.cwd)
     line = error_line(result)
     assert_words(line, case.words)
     if case.any_of:
         assert any(w in line for w in case.any_of), f"message says none of {case.any_of}: {line}"
-    assert tree(tmp_path) == before
+    assert snapshot(tmp_path, follow_links=False) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,10 +561,10 @@ def test_output_that_is_inside_or_contains_the_input_is_refused(spelling: str, t
     model = write_hand_checkpoint(tmp_path / "model")
     make, words = OUTPUT_SPELLINGS[spelling]
     args, cwd = make(tmp_path, model)
-    before = tree(tmp_path)
+    before = snapshot(tmp_path, follow_links=False)
     line = error_line(cli(*args, cwd=cwd))
     assert_words(line, [words])
-    assert tree(tmp_path) == before
+    assert snapshot(tmp_path, follow_links=False) == before
 
 
 def _unfinished_run(model: Path, out: Path, *extra: object) -> None:
@@ -759,12 +640,12 @@ def test_existing_output_not_ours_is_refused_untouched(kind: str, tmp_path: Path
     out = tmp_path / "out"
     out.mkdir()
     words = FOREIGN_OUTPUTS[kind](tmp_path, model, out)
-    before = tree(tmp_path)
+    before = snapshot(tmp_path, follow_links=False)
     line = error_line(cli(model, "-o", out))
     assert_words(line, [str(out)] + [w for w in words if isinstance(w, str)])
     for choices in (w for w in words if isinstance(w, tuple)):
         assert any(c in line for c in choices), f"message says none of {choices}: {line}"
-    assert tree(tmp_path) == before
+    assert snapshot(tmp_path, follow_links=False) == before
 
 
 def test_input_is_never_opened_for_writing(ckpt: Path, tmp_path: Path) -> None:
@@ -772,15 +653,15 @@ def test_input_is_never_opened_for_writing(ckpt: Path, tmp_path: Path) -> None:
     reason = chattr_works(tmp_path)
     if reason:
         pytest.skip(reason)
-    before = tree(ckpt)
+    before = snapshot(ckpt, follow_links=False)
     subprocess.run(["chattr", "-R", "+i", str(ckpt)], check=True)
     try:
-        result = run_tool(ckpt, "-o", tmp_path / "out", "--verify", "-q")
+        result = cli(ckpt, "-o", tmp_path / "out", "--verify", "-q", via="python")
     finally:
         subprocess.run(["chattr", "-R", "-i", str(ckpt)], check=True)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert tree(ckpt) == before
+    assert snapshot(ckpt, follow_links=False) == before
     assert (tmp_path / "out" / "config.json").is_file()
 
 
@@ -807,7 +688,8 @@ def write_big_checkpoint(folder: Path) -> Path:
         for e in range(mb):
             weight = f"model.layers.{s + 1}.mlp.experts.{e}.down_proj.weight"
             tensors[weight] = fp8(rng, 512, 2048) if e else fp8(rng, 544, 1920)
-            scale = f32_scale(rng, *rbs.scale_shape(tuple(tensors[weight][1]), (128, 128)))
+            rows, cols = tensors[weight][1]
+            scale = f32_scale(rng, math.ceil(rows / 128), math.ceil(cols / 128))
             if e == mb - 1 and s < len(BIG_SHARD_MB) - 1:
                 pending[weight + "_scale_inv"] = scale
             else:
@@ -833,38 +715,23 @@ class Big:
     reference_tree: dict[str, str]
     unfinished: Path                # a conversion killed (-9) after two shards
 
-    def cmd(self, out: Path, *extra: object) -> list[str]:
-        return [PYTHON, str(TOOL), str(self.input), "-o", str(out), "--no-reflink", "-q", *map(str, extra)]
+    def args(self, out: Path, *extra: object) -> list[object]:
+        return [self.input, "-o", out, "--no-reflink", "-q", *extra]
 
     def shards_done(self, out: Path) -> list[str]:
         return [n for n in BIG_SHARDS if (out / n).is_file()]
 
     def rerun_gives_reference(self, out: Path, *extra: object) -> None:
         """The same command again finishes the job: output identical to the uninterrupted run."""
-        result = subprocess.run(self.cmd(out, *extra), capture_output=True, text=True, timeout=120)
+        result = cli(*self.args(out, *extra), via="python", timeout=120)
         assert result.returncode == 0, result.stderr
         assert not no_partials(out) and not (out / STATE).exists()
-        assert tree(out) == self.reference_tree
-        assert tree(self.input) == self.input_tree
-
-
-def default_sigint(extra: Callable[[], None] | None = None) -> Callable[[], None]:
-    """preexec_fn: give the child the default SIGINT disposition even if this process was started
-    with SIGINT ignored (a background job), so Python installs its KeyboardInterrupt handler."""
-    def preexec() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if extra:
-            extra()
-    return preexec
+        assert snapshot(out, follow_links=False) == self.reference_tree
+        assert snapshot(self.input, follow_links=False) == self.input_tree
 
 
 def limit_file_size(limit: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-
-def start(cmd: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint(), **kwargs)
 
 
 def wait_until(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 60) -> bool:
@@ -893,11 +760,10 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Big:
     root = tmp_path_factory.mktemp("big")
     model = write_big_checkpoint(root / "DeepSeek-big")
     reference = root / "reference"
-    subprocess.run([PYTHON, str(TOOL), str(model), "-o", str(reference), "--no-reflink", "-q"],
-                   check=True, capture_output=True)
+    cli(model, "-o", reference, "--no-reflink", "-q", via="python", check=True)
     unfinished = root / "unfinished"
-    b = Big(model, tree(model), reference, tree(reference), unfinished)
-    proc = start(b.cmd(unfinished))
+    b = Big(model, snapshot(model, follow_links=False), reference, snapshot(reference, follow_links=False), unfinished)
+    proc = start(*b.args(unfinished))
     assert kill_after(proc, lambda: len(b.shards_done(unfinished)) >= 2) == -signal.SIGKILL
     assert 2 <= len(b.shards_done(unfinished)) < len(BIG_SHARDS)
     return b
@@ -957,7 +823,7 @@ KILL_MOMENTS: dict[str, tuple[Callable[[Big, Path, float], bool], bool]] = {
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
 def test_kill_9_then_rerun_gives_identical_output(moment: str, big: Big, out: Path) -> None:
     when, surely_unfinished = KILL_MOMENTS[moment]
-    proc = start(big.cmd(out))
+    proc = start(*big.args(out))
     started = time.monotonic()
     code = kill_after(proc, lambda: when(big, out, started))
     if surely_unfinished:
@@ -1027,11 +893,10 @@ def test_concurrent_run_on_same_output_is_refused(big: Big, out: Path) -> None:
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)     # the lock is the output folder's own
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        before = tree(out)
-        result = subprocess.run(big.cmd(out), capture_output=True, text=True, timeout=60)
-        line = error_line(Result(result.returncode, result.stdout, result.stderr))
+        before = snapshot(out, follow_links=False)
+        line = error_line(cli(*big.args(out), via="python"))
         assert_words(line, [str(out), "another", "run"])
-        assert tree(out) == before
+        assert snapshot(out, follow_links=False) == before
     finally:
         os.close(fd)
 
@@ -1065,14 +930,14 @@ def test_symlink_planted_in_output_is_not_followed(where: str, big: Big, out: Pa
     if os.path.lexists(out / name):         # the killed run's stale partial: replaced by the link
         os.unlink(out / name)
     (out / name).symlink_to(target)
-    before = tree(outside)
-    result = subprocess.run(big.cmd(out), capture_output=True, text=True, timeout=120)
-    assert tree(outside) == before
+    before = snapshot(outside, follow_links=False)
+    result = cli(*big.args(out), via="python", timeout=120)
+    assert snapshot(outside, follow_links=False) == before
     if result.returncode == 0:
         assert not (out / name).is_symlink()
-        assert tree(out) == big.reference_tree
+        assert snapshot(out, follow_links=False) == big.reference_tree
     else:                           # refusing is fine too, if it says why in one line
-        assert_words(error_line(Result(result.returncode, result.stdout, result.stderr)), [name])
+        assert_words(error_line(result), [name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1107,28 +972,25 @@ def small_fs(tmp_path: Path):
 
 def test_not_enough_disk_space_is_refused_before_writing(big: Big, small_fs: Path) -> None:
     out = small_fs / "DeepSeek-big-Block64x64"
-    before = tree(small_fs)
+    before = snapshot(small_fs, follow_links=False)
     free = shutil.disk_usage(small_fs).free
     need = sum(os.path.getsize(p) for p in big.reference.rglob("*") if p.is_file())
     assert need > free
-    result = subprocess.run(big.cmd(out), capture_output=True, text=True, timeout=60)
-    line = error_line(Result(result.returncode, result.stdout, result.stderr))
+    line = error_line(cli(*big.args(out), via="python"))
     assert_words(line, ["free"])
     found = amounts(line)
     assert any(abs(a - need) <= 0.01 * need for a in found), f"needed {need} B not in: {line}"
     assert any(abs(a - free) <= 0.05 * free for a in found), f"free {free} B not in: {line}"
     assert not out.exists()
-    assert tree(small_fs) == before
-    assert tree(big.input) == big.input_tree
+    assert snapshot(small_fs, follow_links=False) == before
+    assert snapshot(big.input, follow_links=False) == big.input_tree
 
 
 def test_disk_full_during_run_fails_cleanly_and_rerun_completes(big: Big, out: Path) -> None:
     sizes = [os.path.getsize(big.reference / n) for n in BIG_SHARDS]
     limit = (sizes[0] + sizes[1]) // 2              # shard 1 fits, shard 2 does not
     assert min(sizes) < limit < max(sizes)
-    proc = subprocess.run(big.cmd(out), capture_output=True, text=True, timeout=120,
-                          preexec_fn=limit_file_size(limit))
-    line = error_line(Result(proc.returncode, proc.stdout, proc.stderr))
+    line = error_line(cli(*big.args(out), via="python", timeout=120, before=limit_file_size(limit)))
     assert_words(line, [BIG_SHARDS[1], "re-run"])
     assert any(w in line for w in ("ulimit", "too large", "disk full", "file size")), line
     assert no_partials(out) == []
@@ -1138,8 +1000,6 @@ def test_disk_full_during_run_fails_cleanly_and_rerun_completes(big: Big, out: P
 
 
 def test_a_scale_that_reads_back_wrong_stops_the_run_before_its_shard_is_renamed(tmp_path: Path) -> None:
-    if os.environ.get("RBS_TEST_SUBPROCESS"):
-        pytest.skip("patches a write inside the tool's process: needs the forked in-process run")
     model = write_hand_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
 
@@ -1153,7 +1013,7 @@ def test_a_scale_that_reads_back_wrong_stops_the_run_before_its_shard_is_renamed
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             real(fd, data, offset)
         rbs._pwrite_all = write
-    result = cli(model, "-o", out, "-q", before=corrupt_scale_writes)
+    result = cli(model, "-o", out, "-q", before=corrupt_scale_writes, via="fork")
     line = error_line(result)
     assert "read back differs" in line and "_scale_inv" in line, line
     assert not (out / SHARD1).exists() and not (out / SHARD2).exists()
@@ -1170,8 +1030,7 @@ def test_a_scale_that_reads_back_wrong_stops_the_run_before_its_shard_is_renamed
 ], ids=["SIGINT-while-writing-shard-1", "SIGTERM-after-2-shards"])
 def test_signal_stops_cleanly_and_rerun_completes(sig: signal.Signals, moment: str, big: Big, out: Path) -> None:
     # Without -q: the progress bar is on stderr, as for a person pressing Ctrl-C.
-    cmd = [a for a in big.cmd(out) if a != "-q"]
-    proc = start(cmd)
+    proc = start(*[a for a in big.args(out) if a != "-q"])
     if moment == "first-partial-file":
         ready = wait_until(proc, lambda: bool(no_partials(out)))
     else:
@@ -1205,11 +1064,9 @@ def _signal_self_when_opening(suffix: str, sig: signal.Signals) -> Callable[[], 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_as_a_partial_file_is_created_leaves_no_partial(sig: signal.Signals, tmp_path: Path) -> None:
     """The race the end-to-end test above hits now and then, made deterministic."""
-    if os.environ.get("RBS_TEST_SUBPROCESS"):
-        pytest.skip("patches os.open inside the tool's process: needs the forked in-process run")
     model = write_hand_checkpoint(tmp_path / "model")
     out = tmp_path / "out"
-    result = cli(model, "-o", out, "-q", before=_signal_self_when_opening(f"{SHARD2}.partial", sig))
+    result = cli(model, "-o", out, "-q", before=_signal_self_when_opening(f"{SHARD2}.partial", sig), via="fork")
     assert result.returncode in (130, 143), result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert (out / SHARD1).is_file()

@@ -7,24 +7,19 @@ from the published dims in the comments next to them, not computed with the modu
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import dequantized, deepseek, load_all, run_tool, snapshot, tc
+from conftest import cli, dequantized, deepseek, load_all, read_header, snapshot, tc, write_safetensors
 
-import resize_block_size as rbs
 
 BLOCK_RE = re.compile(r"-Block\d+x\d+$")
 
@@ -49,11 +44,8 @@ def write_header_only(folder: Path, shards: list[dict[str, tuple[str, list[int]]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
             weight_map[name] = file
-        body = json.dumps(header).encode()
-        body += b" " * (-len(body) % 8)
-        path = folder / file
-        path.write_bytes(struct.pack("<Q", len(body)) + body)
-        os.truncate(path, 8 + len(body) + offset)
+        path = write_safetensors(folder / file, header)
+        os.truncate(path, path.stat().st_size + offset)      # the data area: a hole
         total += offset
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -71,35 +63,11 @@ def add(tensors: dict, prefix: str, parts: dict[str, tuple[str, list[int]]]) -> 
         tensors[prefix + suffix] = spec
 
 
-def read_header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+def tensor_spans(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
     """name -> (dtype, shape, absolute begin, absolute end) of a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], v["shape"], 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-            for k, v in header.items()}
-
-
-def cli(*args: object, check: bool = False) -> subprocess.CompletedProcess:
-    """The command line run in this process (as `main_exit` does): same exit code and output as
-    run_tool without a Python start-up and torch import per call. run_tool is kept for the tests
-    where the real process matters."""
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    saved = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = rbs.main(argv)
-            except SystemExit as e:         # argparse
-                code = e.code if isinstance(e.code, int) else 1
-    finally:
-        signal.signal(signal.SIGTERM, saved)
-    result = subprocess.CompletedProcess(["resize-block-size", *argv], code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"exit {code}\nstdout: {result.stdout}\nstderr: {result.stderr}")
-    return result
+    _, entries, start = read_header(path)
+    return {k: (v["dtype"], v["shape"], start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in entries.items()}
 
 
 def dry_run_json(folder: Path, *args: object) -> dict:
@@ -147,7 +115,7 @@ def good_output(converted_master, tmp_path) -> tuple[Path, Path]:
 def first_tensor(out: Path, want) -> tuple[str, str, tuple]:
     """(shard name, tensor name, header entry) of the first tensor in a later shard matching `want`."""
     for shard in sorted(out.glob("*.safetensors"), reverse=True):
-        for name, entry in sorted(read_header(shard).items(), key=lambda kv: kv[1][2]):
+        for name, entry in sorted(tensor_spans(shard).items(), key=lambda kv: kv[1][2]):
             if want(name, entry):
                 return shard.name, name, entry
     raise AssertionError("no matching tensor")
@@ -156,7 +124,7 @@ def first_tensor(out: Path, want) -> tuple[str, str, tuple]:
 def test_verify_passes_on_good_output_and_reports_counts(good_output):
     src, out = good_output
     before = snapshot(out)
-    result = run_tool(src, "-o", out, "--verify")
+    result = cli(src, "-o", out, "--verify")
     assert result.returncode == 0, result.stderr
     m = re.search(r"verified .*: (\d+) tensors byte-identical, (\d+) scales exact replications, "
                   r"(\d+) files equal", result.stdout)
@@ -237,7 +205,7 @@ def test_verify_fails_naming_config_json_when_it_is_missing(good_output):
 
 def test_verify_on_a_missing_output_converts_then_verifies(ckpt, tmp_path):
     out = tmp_path / "fresh"
-    result = run_tool(ckpt, "-o", out, "--verify")
+    result = cli(ckpt, "-o", out, "--verify")
     assert result.returncode == 0, result.stderr
     assert "converted " in result.stdout and f"verified {out}" in result.stdout
     assert quant_config(out)["weight_block_size"] == [64, 64]
@@ -413,9 +381,9 @@ def test_dry_run_json_reports_blocks_shards_scales_and_bytes(real_plans, real_mo
     assert type(info["bytes_out"]) is int
     # Data bytes of the output: every input tensor, with the scales at the 64x64 shapes (4 bytes each).
     folder = real_models["DeepSeek-V3"]
-    data_in = sum(e[3] - e[2] for s in folder.glob("*.safetensors") for e in read_header(s).values())
+    data_in = sum(e[3] - e[2] for s in folder.glob("*.safetensors") for e in tensor_spans(s).values())
     scale_in = sum(e[3] - e[2] for s in folder.glob("*.safetensors")
-                   for n, e in read_header(s).items() if n.endswith("_scale_inv"))
+                   for n, e in tensor_spans(s).items() if n.endswith("_scale_inv"))
     # attention (x2 layers): q_a [24,112], q_b [384,24], kv_a [9,112], kv_b [512,8], o [112,256];
     # dense gate/up [288,112], down [112,288]; 4 expert MLPs gate/up [32,112], down [112,32].
     scale_out = 4 * (24 * 112 + 384 * 24 + 9 * 112 + 512 * 8 + 112 * 256) * 2 \
@@ -477,7 +445,7 @@ def tp_ckpt(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("tp, edge", [(32, 64), (64, 32)])
 def test_tp_converts_to_the_block_it_needs(tp_ckpt, tp, edge):
-    result = run_tool(tp_ckpt, "--tp", tp)
+    result = cli(tp_ckpt, "--tp", tp)
     assert result.returncode == 0, result.stderr
     assert f"TP{tp} needs {edge}x{edge} blocks" in result.stdout
     out = tp_ckpt.with_name(f"{tp_ckpt.name}-Block{edge}x{edge}")
@@ -502,7 +470,7 @@ def test_tp_where_source_blocks_already_work_writes_nothing(real_models):
 def test_tp_with_no_working_block_fails_naming_a_weight(ckpt):
     # The default tiny checkpoint has dims of 192 and 64: at TP64 that is 3 or 1 per rank.
     before = siblings(ckpt)
-    result = run_tool(ckpt, "--tp", 64)
+    result = cli(ckpt, "--tp", 64)
     assert result.returncode != 0
     assert re.search(r"no block size of 16 or more works at TP64: model\.layers\.\d+\.[\w.]+\.weight: \d+ ",
                      result.stderr), result.stderr
@@ -511,7 +479,7 @@ def test_tp_with_no_working_block_fails_naming_a_weight(ckpt):
 
 def test_tp_together_with_block_size_is_refused(ckpt):
     before = siblings(ckpt)
-    result = run_tool(ckpt, "--tp", 32, "--block-size", 64)
+    result = cli(ckpt, "--tp", 32, "--block-size", 64)
     assert result.returncode != 0
     assert "--tp" in result.stderr and "--block-size" in result.stderr
     assert siblings(ckpt) == before

@@ -2,20 +2,18 @@
 in-place records, interruptions, a missing progress-bar library.
 
 Every run that must be a real process (races, kills, timing, a missing module) is one; the rest
-call main() in this process. Expectations come from the input files themselves (sha256, sizes,
-the safetensors library), or from an uninterrupted run of the same command on a copy.
+run in a forked child of this process (conftest's `cli()`), which inherits the test's monkeypatches.
+Expectations come from the input files themselves (sha256, sizes, the safetensors library), or
+from an uninterrupted run of the same command on a copy.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import TOOL, deepseek, load_all, snapshot
+from conftest import cli, deepseek, finish, load_all, snapshot, start
 
 import resize_block_size as rbs
 
@@ -36,36 +34,6 @@ SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-def main_here(*args: object) -> subprocess.CompletedProcess:
-    """main() in this process, with its exit code, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = rbs.main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return subprocess.CompletedProcess(list(map(str, args)), code, out.getvalue(), err.getvalue())
-
-
-def python(code: str, *args: object, **kwargs) -> subprocess.Popen:
-    """A child Python that imports the tool, runs `code` (which may patch it), then main(args)."""
-    script = f"import sys; sys.path.insert(0, {str(TOOL.parent)!r})\nimport resize_block_size as rbs\n{code}\n" \
-             "sys.exit(rbs.main(sys.argv[1:]))\n"
-    return subprocess.Popen([sys.executable, "-u", "-c", script, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def tool(*args: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(TOOL), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def done(p: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
-    out, err = p.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
 
 def show(r: subprocess.CompletedProcess) -> str:
     return f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
@@ -98,7 +66,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     """A checkpoint and its uninterrupted conversion (by a separate process), never modified."""
     root = tmp_path_factory.mktemp("reference")
     model = deepseek(root / "DeepSeek-V3")
-    r = done(tool(model, "-o", root / "out", "-q"))
+    r = finish(start(model, "-o", root / "out", "-q"))
     assert r.returncode == 0, show(r)
     return model, root / "out"
 
@@ -154,22 +122,22 @@ def test_a_source_changed_between_planning_and_copying_is_refused_with_no_finish
         change, words, model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     replace_during_planning(monkeypatch, change)
-    line = one_line_error(main_here(model, "-o", out, "-q"))
+    line = one_line_error(cli(model, "-o", out, "-q", via="fork"))
     assert "changed during the run" in line and all(w in line for w in words), line
     assert not (out / "config.json").exists(), "a finished output was left"
     assert partials(out) == [] if out.exists() else True
 
 
 def test_in_place_refuses_a_shard_replaced_after_planning_and_leaves_it_as_it_is(model, monkeypatch):
-    replaced = {}
+    replaced = model.parent / "replaced.bin"     # the run is a forked child: it reports through a file
 
     def change(folder: Path) -> None:
         same_bytes_new_data(folder / SHARDS[0])
-        replaced["bytes"] = (folder / SHARDS[0]).read_bytes()
+        shutil.copyfile(folder / SHARDS[0], replaced)
     replace_during_planning(monkeypatch, change)
-    line = one_line_error(main_here(model, "--in-place", "-q"))
+    line = one_line_error(cli(model, "--in-place", "-q", via="fork"))
     assert "changed during the run" in line and SHARDS[0] in line, line
-    assert (model / SHARDS[0]).read_bytes() == replaced["bytes"]
+    assert (model / SHARDS[0]).read_bytes() == replaced.read_bytes()
     assert partials(model) == []
 
 
@@ -182,7 +150,7 @@ def test_a_copied_run_that_reads_back_wrong_is_not_renamed_into_place(model, tmp
         first = os.pread(dst_fd, 1, run.dst)
         os.pwrite(dst_fd, bytes([first[0] ^ 0xFF]), run.dst)
     monkeypatch.setattr(rbs.ByteCopier, "copy", copy_then_flip_first_byte)
-    line = one_line_error(main_here(model, "-o", out, "-q"))
+    line = one_line_error(cli(model, "-o", out, "-q", via="fork"))
     assert "read back differ from the source" in line, line
     assert not any((out / s).exists() for s in SHARDS)
     assert partials(out) == []
@@ -193,7 +161,7 @@ def test_a_conversion_is_refused_while_the_input_is_converted_in_place(model, tm
     fd = os.open(model, os.O_RDONLY | os.O_DIRECTORY)     # what an --in-place or --restore run holds
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        line = one_line_error(main_here(model, "-o", tmp_path / "out", "-q"))
+        line = one_line_error(cli(model, "-o", tmp_path / "out", "-q"))
     finally:
         os.close(fd)
     assert "another resize-block-size run" in line and "in place" in line, line
@@ -204,12 +172,12 @@ def test_a_conversion_is_refused_while_the_input_is_converted_in_place(model, tm
 @pytest.mark.parametrize("mode", ["--in-place", "--restore"])
 def test_in_place_and_restore_are_refused_while_a_conversion_reads_the_input(mode, model):
     if mode == "--restore":
-        assert main_here(model, "--in-place", "-q").returncode == 0
+        assert cli(model, "--in-place", "-q").returncode == 0
     before = snapshot(model)
     fd = os.open(model, os.O_RDONLY | os.O_DIRECTORY)     # what a conversion of it holds
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        line = one_line_error(main_here(model, mode, "-q"))
+        line = one_line_error(cli(model, mode, "-q"))
     finally:
         os.close(fd)
     assert "another resize-block-size run" in line, line
@@ -217,25 +185,28 @@ def test_in_place_and_restore_are_refused_while_a_conversion_reads_the_input(mod
 
 
 def test_in_place_and_a_conversion_of_the_same_input_run_at_once_never_mix(reference, tmp_path):
-    """Both at once, several times: the conversion either writes exactly the reference output or
-    is refused in one line; the in-place run either converts the folder or is refused. (A refusal
-    may also come from validating a folder read half-converted, before any lock is taken.)"""
+    """Both at once, several times: the conversion either writes exactly the reference output,
+    or is refused in one line, or (the in-place run having finished first) finds a 64x64 input and
+    writes nothing; the in-place run either converts the folder or is refused. (A refusal may also
+    come from validating a folder read half-converted, before any lock is taken.)"""
     model, expected_out = reference
     expected = tensors_of(expected_out)
     for i in range(4):
         work = tmp_path / f"run-{i}"
         shutil.copytree(model, work / "model")
-        procs = [tool(work / "model", "--in-place", "-q"), tool(work / "model", "-o", work / "out", "-q")]
+        procs = [start(work / "model", "--in-place", "-q"), start(work / "model", "-o", work / "out", "-q")]
         if i % 2:
             procs.reverse()
-        results = [done(p) for p in procs]
+        results = [finish(p) for p in procs]
         for r in results:
             if r.returncode != 0:
                 one_line_error(r)
         conversion = results[1 if i % 2 == 0 else 0]
-        if conversion.returncode == 0 and not (work / "out").exists():
-            # It read the folder after the in-place run had finished: already 64x64, nothing to do.
-            assert "already uses 64x64 blocks" in conversion.stdout, conversion.stdout
+        in_place = results[0 if i % 2 == 0 else 1]
+        if conversion.returncode == 0 and not (work / "out").exists():     # nothing left to convert
+            assert in_place.returncode == 0, show(in_place)
+            assert json.loads((work / "model" / "config.json").read_text())["quantization_config"][
+                "weight_block_size"] == [64, 64]
         elif conversion.returncode == 0:
             assert tensors_of(work / "out") == expected
             assert json.loads((work / "out" / "config.json").read_text()) == \
@@ -262,11 +233,11 @@ rbs.check_source_unchanged = kill_in_subfolder
 def test_a_partial_file_left_in_a_subfolder_is_removed_by_the_rerun(reference, tmp_path):
     model, expected_out = reference
     out = tmp_path / "out"
-    killed = done(python(KILL_IN_SUBFOLDER, model, "-o", out, "-q"))
+    killed = cli(model, "-o", out, "-q", via="python", patch=KILL_IN_SUBFOLDER)
     assert killed.returncode == -signal.SIGKILL, show(killed)
     left = partials(out)
     assert left and all("/" in p for p in left), left
-    r = done(tool(model, "-o", out, "-q"))
+    r = finish(start(model, "-o", out, "-q"))
     assert r.returncode == 0, show(r)
     assert partials(out) == []
     assert snapshot(out) == snapshot(expected_out)
@@ -278,7 +249,7 @@ def test_partials_are_never_removed_through_a_symlink_planted_in_the_output(mode
     (outside / ".kernel.py.partial").write_bytes(b"not yours")
     (out / STATE).mkdir(parents=True)               # an unfinished run of this conversion...
     (out / "inference").symlink_to(outside)         # ...with a subfolder that leads elsewhere
-    r = main_here(model, "-o", out, "-q")
+    r = cli(model, "-o", out, "-q")
     if r.returncode != 0:
         assert "inference" in one_line_error(r)
     assert (outside / ".kernel.py.partial").read_bytes() == b"not yours"
@@ -319,15 +290,15 @@ shutil.rmtree = slow_rmtree
 def test_a_run_starting_while_another_removes_its_state_folder_is_refused(reference, tmp_path):
     model, expected_out = reference
     out, mark = tmp_path / "out", tmp_path / "removing"
-    first = python(PAUSE_WHILE_REMOVING_STATE, model, "-o", out, "-q", env={**os.environ, "MARK": str(mark)})
+    first = start(model, "-o", out, "-q", patch=PAUSE_WHILE_REMOVING_STATE, env={**os.environ, "MARK": str(mark)})
     deadline = time.monotonic() + 60
     while not mark.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert mark.exists(), show(done(first))
-    second = done(tool(model, "-o", out, "-q"))
+    assert mark.exists(), show(finish(first))
+    second = finish(start(model, "-o", out, "-q"))
     line = one_line_error(second)
     assert "another resize-block-size run" in line and str(out) in line, line
-    assert done(first).returncode == 0
+    assert finish(first).returncode == 0
     assert snapshot(out) == snapshot(expected_out)
 
 
@@ -336,7 +307,7 @@ def test_three_runs_on_one_output_each_finish_or_say_another_run_is_writing(refe
     expected = snapshot(expected_out)
     for i in range(5):
         out = tmp_path / f"out-{i}"
-        results = [done(p) for p in [tool(model, "-o", out, "-q") for _ in range(3)]]
+        results = [finish(p) for p in [start(model, "-o", out, "-q") for _ in range(3)]]
         for r in results:
             if r.returncode != 0:
                 line = one_line_error(r)
@@ -364,7 +335,7 @@ os.unlink, os.open = slow_unlink, open_then_ctrl_c
 
 def test_ctrl_c_is_answered_within_a_second_when_removing_the_partial_is_slow(model, tmp_path):
     out = tmp_path / "out"
-    p = python(SLOW_UNLINK_AND_CTRL_C, model, "-o", out, "-q")
+    p = start(model, "-o", out, "-q", patch=SLOW_UNLINK_AND_CTRL_C)
     seen: dict[str, float] = {}
     for line in p.stderr:
         seen.setdefault("interrupted" if "interrupted" in line else line.strip(), time.monotonic())
@@ -378,11 +349,11 @@ def test_ctrl_c_is_answered_within_a_second_when_removing_the_partial_is_slow(mo
 
 def test_without_tqdm_the_run_stops_before_writing_anything_or_runs_quietly(model, tmp_path):
     no_tqdm = "sys.modules['tqdm'] = None"
-    r = done(python(no_tqdm, model, "-o", tmp_path / "out"))
+    r = cli(model, "-o", tmp_path / "out", via="python", patch=no_tqdm, timeout=120)
     line = one_line_error(r)
     assert "tqdm" in line and "--quiet" in line, line
     assert not (tmp_path / "out").exists()
-    quiet = done(python(no_tqdm, model, "-o", tmp_path / "quiet", "-q"))
+    quiet = cli(model, "-o", tmp_path / "quiet", "-q", via="python", patch=no_tqdm, timeout=120)
     assert quiet.returncode == 0, show(quiet)
     assert tensors_of(tmp_path / "quiet").keys() == load_all(model).keys()
 
@@ -431,45 +402,45 @@ DAMAGE = {
 @pytest.mark.parametrize("mode", ["--restore", "--in-place"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_in_place_record_is_refused_in_one_line_and_kept(damage, mode, model):
-    assert main_here(model, "--in-place", "-q").returncode == 0
+    assert cli(model, "--in-place", "-q").returncode == 0
     DAMAGE[damage](model / STATE)
     before = snapshot(model)
-    line = one_line_error(main_here(model, mode, "-q"))
+    line = one_line_error(cli(model, mode, "-q"))
     assert STATE in line and "in-place record is damaged" in line, line
     assert snapshot(model) == before, "the record or the shards were changed"
 
 
 def test_restore_of_a_run_stopped_while_recording_removes_the_record_and_keeps_the_originals(model):
     original = snapshot(model)
-    assert main_here(model, "--in-place", "-q").returncode == 0
-    assert main_here(model, "--restore", "-q").returncode == 0
+    assert cli(model, "--in-place", "-q").returncode == 0
+    assert cli(model, "--restore", "-q").returncode == 0
     # What a kill leaves between the saved headers and run.json (written last): nothing replaced.
     state = model / STATE
     shutil.copytree(model, model.parent / "scratch")
-    assert main_here(model.parent / "scratch", "--in-place", "-q").returncode == 0
+    assert cli(model.parent / "scratch", "--in-place", "-q").returncode == 0
     shutil.copytree(model.parent / "scratch" / STATE / "original", state / "original")
-    r = main_here(model, "--restore", "-q")
+    r = cli(model, "--restore", "-q")
     assert r.returncode == 0, show(r)
     assert snapshot(model) == original
 
 
 def test_restore_refuses_a_record_without_run_json_whose_shard_was_replaced(model):
-    assert main_here(model, "--in-place", "-q").returncode == 0
+    assert cli(model, "--in-place", "-q").returncode == 0
     (model / STATE / "run.json").unlink()           # the converted shards no longer match it
     before = snapshot(model)
-    line = one_line_error(main_here(model, "--restore", "-q"))
+    line = one_line_error(cli(model, "--restore", "-q"))
     assert "in-place record is damaged" in line and "no run.json" in line, line
     assert snapshot(model) == before
 
 
 def test_restore_says_restored_only_after_checking_every_file_against_the_record(model, monkeypatch):
-    assert main_here(model, "--in-place", "-q").returncode == 0
+    assert cli(model, "--in-place", "-q").returncode == 0
     real = rbs.write_text
 
     def config_written_wrong(path: Path, text: str) -> None:
         real(path, text + " " if path.name == "config.json" else text)
     monkeypatch.setattr(rbs, "write_text", config_written_wrong)
-    r = main_here(model, "--restore", "-q")
+    r = cli(model, "--restore", "-q", via="fork")
     line = one_line_error(r)
     assert "config.json" in line and "record was kept" in line, line
     assert (model / STATE / "run.json").is_file()
@@ -485,12 +456,12 @@ shutil.rmtree = killed
 
 def test_restore_killed_while_removing_its_record_is_finished_by_the_rerun(model):
     original = snapshot(model)
-    assert main_here(model, "--in-place", "-q").returncode == 0
-    killed = done(python(KILL_AT_FIRST_RMTREE, model, "--restore", "-q"))
+    assert cli(model, "--in-place", "-q").returncode == 0
+    killed = cli(model, "--restore", "-q", via="python", patch=KILL_AT_FIRST_RMTREE, timeout=120)
     assert killed.returncode == -signal.SIGKILL, show(killed)
     assert (model / (STATE + ".removing")).is_dir() and not (model / STATE).exists(), \
         "the kill did not land while the record was being removed"
-    r = main_here(model, "--restore", "-q")
+    r = cli(model, "--restore", "-q")
     assert r.returncode == 0, show(r)
     assert snapshot(model) == original
 
@@ -502,16 +473,16 @@ def test_in_place_and_restore_at_once_never_lose_the_record_of_converted_shards(
         work = tmp_path / f"run-{i}"
         shutil.copytree(model, work)
         if i % 2:           # restore starting on a converted folder, in-place converting again
-            assert main_here(work, "--in-place", "-q").returncode == 0
-            assert main_here(work, "--restore", "-q").returncode == 0
-        results = [done(p) for p in (tool(work, "--in-place", "-q"), tool(work, "--restore", "-q"))]
+            assert cli(work, "--in-place", "-q").returncode == 0
+            assert cli(work, "--restore", "-q").returncode == 0
+        results = [finish(p) for p in (start(work, "--in-place", "-q"), start(work, "--restore", "-q"))]
         for r in results:
             if r.returncode != 0:
                 line = one_line_error(r)
                 assert "another" in line or "no record" in line, line
         # Whatever happened, a restore now gives back the original files (or there is nothing to do).
         if (work / STATE).exists():
-            r = main_here(work, "--restore", "-q")
+            r = cli(work, "--restore", "-q")
             assert r.returncode == 0, show(r)
         assert snapshot(work) == original
 
