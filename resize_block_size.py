@@ -699,7 +699,6 @@ def _tensor_entry(where: str, name: str, info: object, data_start: int) -> Tenso
 @dataclass(frozen=True, slots=True)
 class ScaleResize:
     """How one scale tensor changes: from `old_block` to `new_block` (either may be larger)."""
-    weight: str
     weight_shape: tuple[int, ...]
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
@@ -707,7 +706,7 @@ class ScaleResize:
     new_block: tuple[int, int]
 
     def reversed(self) -> ScaleResize:
-        return ScaleResize(self.weight, self.weight_shape, self.new_shape, self.old_shape,
+        return ScaleResize(self.weight_shape, self.new_shape, self.old_shape,
                            self.new_block, self.old_block)
 
 
@@ -874,7 +873,6 @@ class ScalePair:
     """An FP8 weight and its block scale, possibly in different shards."""
     weight: TensorEntry
     scale: TensorEntry
-    scale_shard: str
 
 
 # Tensors that belong to a quantization other than block-FP8 (MXFP4/NVFP4 experts, per-tensor or
@@ -931,7 +929,7 @@ def pair_scales(headers: list[ShardHeader], source: tuple[int, int],
             if t.name.endswith(scale_end):
                 weight = where.get(t.name[: -len(suffix)])
                 _check_scale(h.name, t, weight and weight[1], source, suffix)
-                pairs[t.name] = ScalePair(weight[1], t, h.name)
+                pairs[t.name] = ScalePair(weight[1], t)
             elif t.dtype in FP8_DTYPES:
                 fp8 += 1
                 if t.name + suffix not in where:
@@ -1273,7 +1271,7 @@ def make_plan(ckpt: Checkpoint, output_dir: Path, target: tuple[int, int]) -> Pl
     """Decide every byte of the output for `target` blocks."""
     source = ckpt.source_block
     check_target_block(source, target)
-    resizes = {name: ScaleResize(p.weight.name, p.weight.shape, p.scale.shape,
+    resizes = {name: ScaleResize(p.weight.shape, p.scale.shape,
                                  scale_shape(p.weight.shape, target), source, target)
                for name, p in ckpt.pairs.items()}
     shards = [plan_shard(h, resizes) for h in ckpt.headers]
