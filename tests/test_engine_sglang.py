@@ -144,7 +144,10 @@ def real_size_v3(folder: Path) -> Path:
 
 
 def run_main(*args: object) -> tuple[int, str]:
-    """The command line in this process (where the torchvision stand-in is), with its stdout."""
+    """The command line in this process (where the torchvision stand-in is), with its stdout.
+    Not conftest's cli(): a new python process lacks the stand-in, and a forked child of this
+    process, once SGLang and torch run here, blocked forever on a lock some thread of this
+    process held at the fork (seen on the real-size --tp 32 run)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = rbs.main([str(a) for a in args])
