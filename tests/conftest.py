@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -176,13 +177,6 @@ def _forked(argv: list[str], cwd: Path | str | None, env: dict[str, str] | None,
                                            out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 
 
-def run_tool(*args: object, check: bool = False, preexec_fn: Callable[[], None] | None = None,
-             **kwargs) -> subprocess.CompletedProcess:
-    """The old name of cli(via="python"), kept only for test files on branches written before the
-    runner was made one (tests/test_engine_sglang.py); new tests call cli()."""
-    return cli(*args, via="python", before=preexec_fn, check=check, **kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # Looking at folders
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +187,8 @@ def snapshot(folder: Path, *, follow_links: bool = True, mtimes: bool = False) -
     follow_links=True: every file (symlinks followed) by its sha256; folders are not listed.
     follow_links=False: files by sha256, folders as "folder" and symlinks as "symlink -> TARGET",
     the folder itself as "." too: nothing created, removed, changed or re-pointed.
+    Either way a FIFO, socket or device is recorded by its kind ("fifo"...), never opened: opening
+    a FIFO would block the test.
     mtimes=True adds each entry's mtime_ns (never following links): nothing touched either.
     """
     out: dict[str, object] = {}
@@ -208,10 +204,20 @@ def snapshot(folder: Path, *, follow_links: bool = True, mtimes: bool = False) -
             elif not follow_links and path.is_dir():
                 out[rel] = "folder"
             else:
-                out[rel] = _sha256(path)
+                mode = path.stat().st_mode
+                out[rel] = _sha256(path) if stat.S_ISREG(mode) else _special_kind(mode)
     if mtimes:
         return {rel: (what, os.lstat(folder / rel).st_mtime_ns) for rel, what in out.items()}
     return out
+
+
+def _special_kind(mode: int) -> str:
+    """What a file that is not a regular one is, by its st_mode."""
+    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    raise AssertionError(f"unknown file type {stat.filemode(mode)}")
 
 
 def _sha256(path: Path) -> str:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, TOOL, deepseek, run_tool
+from conftest import cli, deepseek
 
 import tiny_checkpoints as tc
 
@@ -58,9 +57,6 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return module
 
     def exec_module(self, module): pass
-
-
-STUB_CODE = "import sys; sys.path.insert(0, {tests!r}); import test_engine_sglang as t; t.install_stubs()"
 
 
 def install_stubs() -> None:
@@ -148,7 +144,10 @@ def real_size_v3(folder: Path) -> Path:
 
 
 def run_main(*args: object) -> tuple[int, str]:
-    """The command line in this process (where the torchvision stand-in is), with its stdout."""
+    """The command line in this process (where the torchvision stand-in is), with its stdout.
+    Not conftest's cli(): a new python process lacks the stand-in, and a forked child of this
+    process, once SGLang and torch run here, blocked forever on a lock some thread of this
+    process held at the fork (seen on the real-size --tp 32 run)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = rbs.main([str(a) for a in args])
@@ -248,7 +247,7 @@ def test_dry_run_engine_shows_the_inputs_error_and_that_the_planned_64x64_loads(
 def test_engine_reports_a_rank_whose_scales_do_not_match_the_input(tmp_path):
     src = deepseek(tmp_path / "DeepSeek-V3")
     out = tmp_path / "out"
-    run_tool(src, "--block-size", 32, "-o", out, "-q", check=True)
+    cli(src, "--block-size", 32, "-o", out, "-q", check=True)
     shard = next(p for p in sorted(out.glob("*.safetensors"))
                  if "model.layers.0.mlp.down_proj.weight_scale_inv" in load_file(p))
     tensors = load_file(shard)
@@ -302,10 +301,8 @@ def test_engine_builds_qwen3_moe_qkv_o_proj_and_experts_at_tp4(tmp_path):
 
 def test_engine_without_sglang_is_one_line_and_writes_nothing(tmp_path):
     src = deepseek(tmp_path / "DeepSeek-V3")
-    code = ("import sys; sys.modules['sglang'] = None; sys.path.insert(0, {root!r}); "
-            "import resize_block_size as r; sys.exit(r.main(sys.argv[1:]))").format(root=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", code, str(src), "--tp", "2", "--verify", "--engine", "sglang",
-                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    result = cli(src, "--tp", 2, "--verify", "--engine", "sglang", "-o", tmp_path / "out",
+                 via="python", patch="sys.modules['sglang'] = None")      # `import sglang` now raises
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stdout == ""
     assert result.stderr.startswith("resize-block-size: error: --engine sglang: SGLang is not importable here")
@@ -318,7 +315,7 @@ def test_engine_without_sglang_is_one_line_and_writes_nothing(tmp_path):
                                   ["--engine", "sglang", "--tp", "2", "--in-place"]])
 def test_engine_needs_tp_and_verify_or_dry_run(tmp_path, args):
     src = deepseek(tmp_path / "DeepSeek-V3")
-    result = run_tool(src, *args)
+    result = cli(src, *args)
     assert result.returncode == 2                  # a usage error (exit-code policy)
     assert result.stderr.startswith("resize-block-size: error: --engine checks at a tensor-parallel degree")
 

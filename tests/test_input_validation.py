@@ -8,12 +8,10 @@ no traceback, and the folder holding the input (and the output's place) unchange
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -24,39 +22,22 @@ from typing import Callable
 import pytest
 from safetensors import safe_open
 
-from conftest import TOOL
-from test_safety import (DOWN, INDEX, NORM, SHARD1, SHARD2, STATE, assert_words, cli, error_line, hand_shards,
-                         layout, rewrite_shard2, write_hand_checkpoint, write_safetensors)
+from conftest import cli, command, layout, snapshot, write_safetensors
+from test_safety import (DOWN, INDEX, NORM, SHARD2, assert_words, error_line, hand_shards, rewrite_shard2,
+                         write_hand_checkpoint)
 
 import resize_block_size as rbs
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Like test_safety.tree (files by sha256, folders and symlinks by kind), except that a FIFO
-    is recorded as one instead of opened, which would block."""
-    out: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                out[rel] = f"symlink -> {os.readlink(path)}"
-            elif path.is_dir():
-                out[rel] = "folder"
-            elif stat.S_ISFIFO(os.lstat(path).st_mode):
-                out[rel] = "fifo"
-            else:
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def refused(root: Path, *args: object, words: list[str], before: Callable[[], None] | None = None,
             timeout: float = 60) -> str:
     """Run the tool, assert a clean one-line refusal with `words` that changed nothing in `root`."""
-    snapshot = tree(root)
-    line = error_line(cli(*args, before=before, timeout=timeout))
+    was = snapshot(root, follow_links=False)
+    # before() must act on the tool's own process (dropped capabilities, hidden modules), which a
+    # new interpreter (RBS_TEST_SUBPROCESS=1) would undo: such runs are always forked
+    line = error_line(cli(*args, before=before, timeout=timeout, via=None if before is None else "fork"))
     assert_words(line, words)
-    assert tree(root) == snapshot
+    assert snapshot(root, follow_links=False) == was
     return line
 
 
@@ -227,11 +208,11 @@ def test_huge_weight_block_size_is_refused_before_the_output_exists(tmp_path: Pa
 
 def test_empty_input_is_refused_not_taken_as_the_current_folder(tmp_path: Path) -> None:
     model = write_hand_checkpoint(tmp_path / "model")
-    snapshot = tree(tmp_path)
+    was = snapshot(tmp_path, follow_links=False)
     for args in (["", "--in-place"], ["", "-o", tmp_path / "out"], ["", "--dry-run"]):
         line = error_line(cli(*args, cwd=model))
         assert_words(line, ["INPUT is empty"])
-    assert tree(tmp_path) == snapshot
+    assert snapshot(tmp_path, follow_links=False) == was
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +335,7 @@ def test_dry_run_and_json_survive_names_that_are_not_utf8(tmp_path: Path) -> Non
     model.rename(latin_model)
     for env in ({}, {"LC_ALL": "C", "PYTHONUTF8": "0"}):
         for json_flag in ([], ["--json"]):
-            result = subprocess.run([sys.executable, str(TOOL), latin_model, "--dry-run", *json_flag],
+            result = subprocess.run(command(latin_model, "--dry-run", *json_flag),      # bytes: names are not UTF-8
                                     capture_output=True, env={**os.environ, **env})
             assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
             assert os.fsencode(latin_model) in result.stdout or json_flag
@@ -407,10 +388,10 @@ def bind_alias(tmp_path: Path):
 def test_output_inside_a_bind_mount_of_the_input_is_refused(bind_alias, tmp_path: Path) -> None:
     model, alias = bind_alias
     assert os.path.realpath(alias) != os.path.realpath(model)      # realpath cannot see it
-    snapshot = tree(model)
+    was = snapshot(model, follow_links=False)
     line = error_line(cli(model, "-o", alias / "converted"))
     assert_words(line, ["inside the input folder"])
-    assert tree(model) == snapshot
+    assert snapshot(model, follow_links=False) == was
 
 
 def test_symlinked_subfolder_leading_into_the_output_is_refused(tmp_path: Path) -> None:

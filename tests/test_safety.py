@@ -51,12 +51,6 @@ STATE = ".resize_block_size"
 # Helpers: running the command line, looking at folders
 # ---------------------------------------------------------------------------------------------
 
-def tree(root: Path) -> dict[str, object]:
-    """The old name of snapshot(root, follow_links=False), kept only for test files on branches
-    that import it from here (tests/test_input_validation.py); new tests call snapshot()."""
-    return snapshot(root, follow_links=False)
-
-
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The single stderr line of a refused run (asserting the run was refused cleanly)."""
     assert result.returncode != 0, f"expected a refusal, got exit 0\nstdout: {result.stdout}"
