@@ -4,12 +4,11 @@ a layout with scales interleaved between weights; on XFS the clone shares the un
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
-import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import resize_block_size as rbs
-from conftest import dequantized, layout, read_header, snapshot, tc, write_safetensors
+from conftest import ROOT, dequantized, layout, read_header, snapshot, tc, write_safetensors
 
 METHODS = ("reflink", "direct", "copy_file_range", "buffered")
 # Expert-sized tensors (a few MB) so that whole 4 KiB blocks can be shared.
@@ -243,36 +242,12 @@ def test_dtype_grouped_shards_are_laid_out_so_almost_every_unchanged_byte_can_be
         assert read_header(output)[2] % 8 == 0           # data start stays 8-byte aligned
 
 
-FS_IOC_FIEMAP = 0xC020660B
-FIEMAP_FLAG_SYNC = 0x1
-FIEMAP_EXTENT_LAST = 0x1
-FIEMAP_EXTENT_SHARED = 0x2000
-FIEMAP_HEAD = struct.Struct("=QQIIII")          # struct fiemap, without fm_extents[]
-FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")     # struct fiemap_extent
-
-
 def fiemap_shared_bytes(path: Path) -> int:
-    """Bytes of `path` in extents the filesystem flags as shared with another file (FIEMAP ioctl,
-    no Python binding exists; bench/bench.py measures the same way)."""
-    size, shared, start = path.stat().st_size, 0, 0
-    with open(path, "rb") as f:
-        while start < size:
-            buf = bytearray(FIEMAP_HEAD.pack(start, size - start, FIEMAP_FLAG_SYNC, 0, 256, 0))
-            buf += bytes(FIEMAP_EXTENT.size * 256)
-            fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, buf)
-            mapped = FIEMAP_HEAD.unpack_from(buf)[3]
-            if not mapped:
-                return shared
-            for i in range(mapped):
-                logical, _, length, _, _, flags, *_ = FIEMAP_EXTENT.unpack_from(
-                    buf, FIEMAP_HEAD.size + i * FIEMAP_EXTENT.size)
-                end = min(logical + length, size)
-                if flags & FIEMAP_EXTENT_SHARED:
-                    shared += max(0, end - max(logical, start))
-                start = max(start, end)
-                if flags & FIEMAP_EXTENT_LAST:
-                    return shared
-    return shared
+    """Bytes of `path` in extents the filesystem flags as shared (FIEMAP): the benchmark's own
+    measure, the filesystem's report and not the tool's count."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench import file_shared_bytes
+    return file_shared_bytes(path)
 
 
 @pytest.fixture
