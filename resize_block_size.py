@@ -2756,7 +2756,8 @@ def verify_output(plan: Plan, quiet: bool = False) -> VerifyReport:
         if bar is not None:
             bar.close()
     _verify_json(out / CONFIG_NAME, plan.config_text, report,
-                 "differs from the input's config.json with only weight_block_size changed")
+                 "differs from the input's config.json with only its block settings changed (weight_block_size, "
+                 "or compressed-tensors' block_structure and group_size)")
     block_problem = block_config_problem(out / CONFIG_NAME, plan.target_block, plan.quant_locations)
     if block_problem:
         report.problems.append(block_problem)
