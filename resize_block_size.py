@@ -147,8 +147,8 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ..
 
 # Scales are replicated as raw elements (an array of unsigned ints of the dtype's width), which is
 # exact for every float format. The standard library's array slicing does this at C speed; torch
-# (repeat_interleave) gives the same bytes but its import alone costs ~1 s and ~200 MB per run,
-# more than converting a whole shard takes on copy-on-write filesystems.
+# (repeat_interleave) gives the same bytes, but importing it on every run would cost more time and
+# memory than converting a whole shard takes on copy-on-write filesystems.
 _TYPECODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
