@@ -107,7 +107,7 @@ class Interrupted(Exception):
 
 
 def _fail(where: object, problem: str) -> ConversionError:
-    return ConversionError(f"{where}: {problem}".replace("\n", " "))
+    return ConversionError(f"{where}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +422,14 @@ def _block_pair(value: object) -> tuple[int, int] | None:
     return None
 
 
+def _bounded_block(block: tuple[int, int], path: Path, what: str) -> tuple[int, int]:
+    """`block`, or a refusal if an edge is above MAX_BLOCK (see there)."""
+    if max(block) > MAX_BLOCK:
+        raise _fail(path, f"{what} is {json.dumps(list(block))}: blocks above {MAX_BLOCK} are not "
+                          "a block-FP8 format any engine loads; is config.json right?")
+    return block
+
+
 def _check_not_v4(config: dict, path: Path) -> None:
     """Refuse DeepSeek-V4 / V4.1 by their config before any tensor is looked at."""
     texts = [config, config.get("text_config")]
@@ -446,10 +454,7 @@ def _fp8_block(qc: dict, path: Path, where: str) -> tuple[int, int]:
     if block is None:
         raise _fail(path, f"weight_block_size is {json.dumps(qc['weight_block_size'])}, expected two positive "
                           "integers like [128, 128]")
-    if max(block) > MAX_BLOCK:
-        raise _fail(path, f"weight_block_size is {json.dumps(list(block))}: blocks above {MAX_BLOCK} are not "
-                          "a block-FP8 format any engine loads; is config.json right?")
-    return block
+    return _bounded_block(block, path, "weight_block_size")
 
 
 def _compressed_tensors_block(qc: dict, path: Path, where: str) -> tuple[int, int]:
@@ -478,10 +483,7 @@ def _compressed_tensors_block(qc: dict, path: Path, where: str) -> tuple[int, in
         if block is None:
             raise _fail(path, f"{where}: config group {name}: block_structure is "
                               f"{json.dumps(weights.get('block_structure'))}, expected two positive integers")
-        if max(block) > MAX_BLOCK:
-            raise _fail(path, f"{where}: config group {name}: block_structure is {json.dumps(list(block))}: "
-                              f"blocks above {MAX_BLOCK} are not a block-FP8 format any engine loads")
-        blocks.add(block)
+        blocks.add(_bounded_block(block, path, f"{where}: config group {name}: block_structure"))
     if len(blocks) != 1:
         raise _fail(path, f"{where}: config groups use different blocks {sorted(blocks)}; one block per "
                           "checkpoint is supported")
