@@ -2657,14 +2657,13 @@ def check_restored(ckpt: Checkpoint) -> None:
             raise _fail(ckpt.folder / name, "is not the original after restoring; the record was kept")
 
 
-def _replace_in_place(ckpt: Checkpoint, plan: Plan, *, forward: bool, copy: str, quiet: bool) -> Summary:
-    """Replace shards one at a time (each written beside the old one, then renamed over it), then
-    the index, then config.json: to `plan`'s converted files (forward) or back to the recorded
-    originals. Every shard must be one of the two versions; those already as wanted are kept."""
-    folder = ckpt.folder
+def shards_to_replace(ckpt: Checkpoint, plan: Plan, *, forward: bool) -> list[ShardPlan]:
+    """The shard plans an in-place run (forward) or a restore still has to write, reading only
+    sizes and headers. Every shard must be the original or its converted version; anything else
+    is refused, since neither direction could then give back exact files."""
     todo = []
     for shard, original in zip(plan.shards, ckpt.headers):
-        path = folder / shard.name
+        path = ckpt.folder / shard.name
         converted = shard_is_complete(path, shard)
         if converted if forward else file_starts_with(path, original.size, original.prefix):
             continue
@@ -2675,6 +2674,15 @@ def _replace_in_place(ckpt: Checkpoint, plan: Plan, *, forward: bool, copy: str,
             raise _fail(shard.name, "is neither the converted shard nor the original; it was changed after the "
                                     "in-place conversion, cannot restore it exactly")
         todo.append(shard if forward else invert_shard(shard, original))
+    return todo
+
+
+def _replace_in_place(ckpt: Checkpoint, plan: Plan, *, forward: bool, copy: str, quiet: bool) -> Summary:
+    """Replace shards one at a time (each written beside the old one, then renamed over it), then
+    the index, then config.json: to `plan`'s converted files (forward) or back to the recorded
+    originals. Every shard must be one of the two versions; those already as wanted are kept."""
+    folder = ckpt.folder
+    todo = shards_to_replace(ckpt, plan, forward=forward)
     index_text, config_text = (plan.index_text, plan.config_text) if forward else (ckpt.index_text, ckpt.config_text)
     method = prepare_writing(todo, copy, _state_path(folder), folder,
                              lambda reflink: in_place_extra_bytes(todo, reflink), quiet)
@@ -3889,14 +3897,12 @@ def describe_output_state(plan: Plan, force: bool) -> dict:
 
 def describe_in_place_state(plan: Plan, ckpt: Checkpoint, recorded: bool) -> dict:
     """How far an --in-place conversion of INPUT is, read-only (the checks convert_in_place makes)."""
-    done = sorted(s.name for s in plan.shards if shard_is_complete(plan.output_dir / s.name, s))
-    todo = [s for s in plan.shards if s.name not in done]
-    originals = {h.name: h for h in ckpt.headers}
-    for s in todo:
-        original = originals[s.name]
-        if not file_starts_with(plan.output_dir / s.name, original.size, original.prefix):
-            return {"state": "refused", "reason": f"{s.name}: is neither the original shard nor its converted "
-                                                  "version; restore it from the download first"}
+    try:
+        todo = shards_to_replace(ckpt, plan, forward=True)
+    except ConversionError as e:
+        return {"state": "refused", "reason": str(e)}
+    left = {s.name for s in todo}
+    done = sorted(s.name for s in plan.shards if s.name not in left)
     finished = (recorded and not todo
                 and same_file_content(plan.output_dir / CONFIG_NAME, plan.config_text.encode()))
     return {"state": "complete" if finished else "resume" if recorded else "new", "shards_kept": len(done),
