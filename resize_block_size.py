@@ -3309,12 +3309,13 @@ def _check_kind(kind: LayerKind, config: dict, quant_config, block: tuple[int, i
 
 
 def print_engine_report(report: EngineReport) -> None:
-    """Per layer kind: loads on N/N ranks (and the ranks compared bit for bit), or the engine's error."""
+    """Per layer kind: loads on N/N ranks (and the ranks compared bit for bit), or the engine's error.
+    Through _print_stdout, like every other answer: a reader that closed stdout is not an error."""
     mode = f"TP{report.tp}" + (" with EP" if report.ep else "")
-    print(f"engine check: {report.engine} {report.version}, {mode}, {report.what} "
+    _print_stdout(f"engine check: {report.engine} {report.version}, {mode}, {report.what} "
           f"({block_name(report.block)} blocks, {report.architecture}): {report.folder}")
     if report.unsupported:
-        print(f"  NOT CHECKED: {report.unsupported}")
+        _print_stdout(f"  NOT CHECKED: {report.unsupported}")
         return
     width = max([len(k.kind) for k in report.kinds] + [10])
     for k in report.kinds:
@@ -3326,12 +3327,12 @@ def print_engine_report(report: EngineReport) -> None:
                 status += f"; DEQUANTIZES DIFFERENTLY: {k.mismatch}"
             elif k.compared_ranks:
                 status += f", dequantizes bit-identically to the input on ranks {', '.join(map(str, k.compared_ranks))}"
-        print(f"  {k.kind:<{width}}  {k.prefix}: {status} ({k.seconds:.1f} s)")
+        _print_stdout(f"  {k.kind:<{width}}  {k.prefix}: {status} ({k.seconds:.1f} s)")
     if report.unchecked:
-        print(f"  NOT CHECKED (no {report.engine} layer built for them): {', '.join(report.unchecked[:5])}"
+        _print_stdout(f"  NOT CHECKED (no {report.engine} layer built for them): {', '.join(report.unchecked[:5])}"
               + (f" and {len(report.unchecked) - 5} more" if len(report.unchecked) > 5 else ""))
     verdict = "every layer kind loads" if report.ok else "does NOT load as a whole"
-    print(f"  {report.what}: {verdict} at {mode} with {report.engine} {report.version}")
+    _print_stdout(f"  {report.what}: {verdict} at {mode} with {report.engine} {report.version}")
 
 
 def engine_reports(args: argparse.Namespace, ckpt: Checkpoint, plan: Plan | None) -> list[EngineReport]:
