@@ -315,6 +315,7 @@ class Kill:
     when: Callable[["Watch"], bool]
     may_finish: bool = False        # the moment is so close to the end that the run may beat the kill
     then: tuple | None = None       # the command run after the kill (default: the same one again)
+    patch: str | None = None        # code run in the child (see conftest.command), e.g. a self-kill
 
 
 @dataclass
@@ -345,7 +346,7 @@ def kill_9_then_rerun(kill: Kill, work: Path) -> tuple[int, str, bool, subproces
     command to the end. Also says whether the in-place record was gone before the re-run."""
     shards = shard_names(work)
     watch = Watch(work, {s: os.stat(work / s).st_ino for s in shards})
-    p = start(work, *kill.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = start(work, *kill.command, patch=kill.patch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     watch.t0 = time.monotonic()
     try:
         deadline = time.monotonic() + 60
@@ -388,6 +389,19 @@ def run_kills(kills: list[Kill], big: Big, root: Path, expected: dict[str, str],
     assert not failures, "\n".join(failures)
 
 
+KILL_AFTER_SHARD_RENAMES = """
+import os, signal
+_replace, _renamed = os.replace, []
+def replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if str(dst).endswith(".safetensors") and ".resize_block_size" not in str(dst):   # not the record
+        _renamed.append(dst)
+        if len(_renamed) == {n}:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+"""
+
+
 def test_kill_9_during_in_place_then_rerun_gives_the_uninterrupted_result(big, tmp_path):
     first = big.shards[0]
     cmd = ("--in-place", "--no-reflink", "-q")
@@ -398,8 +412,8 @@ def test_kill_9_during_in_place_then_rerun_gives_the_uninterrupted_result(big, t
         Kill("after 0.15 s", "original", cmd, lambda w: w.elapsed() >= 0.15, may_finish=True),
         Kill("while writing the first shard", "original", cmd,
              lambda w: w.partial(first) or w.replaced() >= 1),
-        Kill("after 1 shard replaced", "original", cmd, lambda w: w.replaced() >= 1),
-        Kill("after 3 shards replaced", "original", cmd, lambda w: w.replaced() >= 3),
+        Kill("after 1 shard replaced", "original", cmd, lambda w: False, patch=KILL_AFTER_SHARD_RENAMES.format(n=1)),
+        Kill("after 3 shards replaced", "original", cmd, lambda w: False, patch=KILL_AFTER_SHARD_RENAMES.format(n=3)),
         Kill("after every shard replaced", "original", cmd,
              lambda w: w.replaced() == len(big.shards), may_finish=True),
     ]
@@ -415,9 +429,10 @@ def test_kill_9_during_restore_then_rerun_gives_the_original_files(big, tmp_path
         Kill("after 0.15 s", "converted", cmd, lambda w: w.elapsed() >= 0.15, may_finish=True),
         Kill("while writing the second shard", "converted", cmd,
              lambda w: w.partial(second) or w.replaced() >= 2),
-        # Three, not four: the last (smallest) shard alone can be restored before a poll sees the
-        # fourth, and then the moment is not tested.
-        Kill("after 3 shards restored", "converted", cmd, lambda w: w.replaced() >= 3),
+        # The child kills itself right after its fourth shard is renamed into place: a poll from
+        # here can miss that moment (the last shard is restored in a few ms), the child cannot.
+        Kill("after 4 shards restored", "converted", cmd, lambda w: False,
+             patch=KILL_AFTER_SHARD_RENAMES.format(n=4)),
         Kill("after every shard restored", "converted", cmd,
              lambda w: w.replaced() == len(big.shards), may_finish=True),
     ]
@@ -431,7 +446,8 @@ def test_restore_after_a_killed_in_place_run_gives_the_original_files(big, tmp_p
     kills = [
         Kill("as soon as its state folder appears", "original", cmd,
              lambda w: (w.folder / STATE).exists(), then=restore),
-        Kill("after 2 shards replaced", "original", cmd, lambda w: w.replaced() >= 2, then=restore),
+        Kill("after 2 shards replaced", "original", cmd, lambda w: False, then=restore,
+             patch=KILL_AFTER_SHARD_RENAMES.format(n=2)),
     ]
     run_kills(kills, big, tmp_path, big.original_snapshot, lambda s: s)
 
